@@ -1,0 +1,198 @@
+"""InspectionPipeline: everything the app needs, behind three calls (DESIGN.md "pipeline.py").
+
+- `score(image, model)` -> AnomalyResult from an installed PatchCore/PaDiM state, a few-shot bank
+  built on the spot, or the reference-free CLIP-ADA head;
+- `regions(result)` -> the predicted defect regions;
+- `describe(image, region, object)` -> the object's candidate captions ranked for that region.
+
+A pipeline is loaded from one folder laid out as
+```
+<root>/scorers/<name>/      PatchCore / PaDiM folders (config.json + model.safetensors)
+<root>/describer/           AlphaDescriber folder (optional)
+<root>/clip_ada/            CLIP-ADA folder (optional)
+```
+which is what `scripts/build_embedded_default.py` writes and what the Hub repos hold.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .regions_ui import predicted_regions, region_from_click
+from .results import AnomalyResult
+
+FEW_SHOT = "few-shot"
+REFERENCE_FREE = "reference-free (CLIP-ADA)"
+MAX_FEW_SHOT_IMAGES = 16
+
+
+class PipelineError(ValueError):
+    """A request the pipeline cannot serve; the message tells the user what to do."""
+
+
+@dataclass
+class InspectionModel:
+    """One choice in the app's model list."""
+
+    name: str
+    object: str  # what the model inspects, e.g. "magnetic tile"; "" when it is object-agnostic
+    kind: str  # "patchcore", "padim" or "clip_ada"
+    scorer: Any  # has predict(list of images) -> list[AnomalyResult] and a `threshold`
+
+    @property
+    def threshold(self) -> float:
+        return float(self.scorer.threshold)
+
+
+def _object_of(config: dict, folder: Path) -> str:
+    return str(config.get("object") or folder.name.replace("_", " "))
+
+
+def load_scorers(folder: Path) -> dict[str, InspectionModel]:
+    """Every PatchCore/PaDiM folder under `folder`, keyed by a readable name."""
+    from .scoring import load_config, load_scorer
+
+    models = {}
+    for model_dir in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
+        config = load_config(model_dir)
+        scorer = load_scorer(model_dir)
+        object_name = _object_of(config, model_dir)
+        name = f"{object_name} · {config['model_type']} · {config.get('tower', '')}"
+        models[name] = InspectionModel(name, object_name, config["model_type"], scorer)
+    return models
+
+
+class InspectionPipeline:
+    """Scoring, few-shot fitting and region description for the app (thread-safe for inference)."""
+
+    def __init__(self, models: dict[str, InspectionModel], describer=None, clip_ada=None,
+                 few_shot_tower: str = "offline:efficientnet_lite0", few_shot_image_size: int = 256):
+        self.models = dict(models)
+        self.describer = describer
+        self.clip_ada = clip_ada
+        if clip_ada is not None:
+            self.models[REFERENCE_FREE] = InspectionModel(REFERENCE_FREE, "", "clip_ada", clip_ada)
+        self.few_shot_tower = few_shot_tower
+        self.few_shot_image_size = few_shot_image_size
+        # torch modules are not safe to call from many threads at once: the app's queue runs
+        # several requests concurrently, so model calls are serialised here.
+        self._lock = threading.Lock()
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, root: str | Path, **kwargs) -> "InspectionPipeline":
+        root = Path(root)
+        if not root.is_dir():
+            raise PipelineError(f"Model folder {root} does not exist.")
+        models = load_scorers(root / "scorers") if (root / "scorers").is_dir() else {}
+        describer = _load_describer(root / "describer")
+        clip_ada = _load_clip_ada(root / "clip_ada")
+        if not models and clip_ada is None:
+            raise PipelineError(f"{root} holds no scorer (scorers/<name>/) and no CLIP-ADA head (clip_ada/).")
+        return cls(models, describer, clip_ada, **kwargs)
+
+    # -- scoring ----------------------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    def model(self, name: str) -> InspectionModel:
+        if name not in self.models:
+            raise PipelineError(f"Unknown model {name!r}; choose one of {self.model_names}.")
+        return self.models[name]
+
+    def score(self, image: np.ndarray, model: str | InspectionModel) -> AnomalyResult:
+        """Score one H x W x 3 uint8 RGB image."""
+        inspection = model if isinstance(model, InspectionModel) else self.model(model)
+        with self._lock:
+            return inspection.scorer.predict([_check_rgb(image)])[0]
+
+    def fit_few_shot(self, normal_images: Sequence[np.ndarray], object_name: str = "") -> InspectionModel:
+        """Build a PatchCore bank from 1-16 normal reference images of the object, on the spot.
+
+        The threshold is set a margin above the highest reference score (each reference scored against
+        a bank of the others), because a handful of images cannot give a meaningful quantile.
+        """
+        from .scoring import PatchCore
+
+        images = [_check_rgb(image) for image in normal_images]
+        if not 1 <= len(images) <= MAX_FEW_SHOT_IMAGES:
+            raise PipelineError(f"Few-shot needs 1 to {MAX_FEW_SHOT_IMAGES} normal images, got {len(images)}.")
+        with self._lock:
+            scorer = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0)
+            scorer.fit(images)
+            scorer.threshold = self._few_shot_threshold(scorer, images)
+        return InspectionModel(f"{FEW_SHOT} ({len(images)} refs)", object_name, "patchcore", scorer)
+
+    def _few_shot_threshold(self, scorer, images: list[np.ndarray]) -> float:
+        if len(images) == 1:
+            # One reference scores zero against itself; borrow the typical margin of a fitted model.
+            return float(max(r.score for r in scorer.predict(images)) + 1.0)
+        held_out = []
+        for index, image in enumerate(images):
+            rest = [img for i, img in enumerate(images) if i != index]
+            probe = type(scorer)(scorer.tower, image_size=self.few_shot_image_size, coreset_ratio=1.0)
+            held_out.append(probe.fit(rest).predict([image])[0].score)
+        return float(max(held_out) * 1.1)
+
+    def regions(self, result: AnomalyResult, threshold: float | None = None) -> list[np.ndarray]:
+        """Predicted defect regions at `threshold` (default: the model's own)."""
+        threshold = result.threshold if threshold is None else threshold
+        return predicted_regions(result.anomaly_map >= threshold)
+
+    # -- description --------------------------------------------------------------------------------
+
+    @property
+    def can_describe(self) -> bool:
+        return self.describer is not None
+
+    def candidates(self, object_name: str) -> list[str]:
+        if self.describer is None:
+            raise PipelineError("No region describer is installed.")
+        known = self.describer.config.get("candidates", {})
+        if object_name in known:
+            return list(known[object_name])
+        return sorted({c for captions in known.values() for c in captions})
+
+    def describe(self, image: np.ndarray, region: np.ndarray, object_name: str) -> list[tuple[str, float]]:
+        """The object's candidate captions ranked for `region` of `image`, with probabilities."""
+        candidates = self.candidates(object_name)
+        with self._lock:
+            return self.describer.describe(_check_rgb(image), np.asarray(region, bool), candidates)
+
+    def describe_click(self, image: np.ndarray, result: AnomalyResult, x: int, y: int, object_name: str,
+                       threshold: float | None = None, top: int = 3):
+        """The region a click selects, its index among the predicted regions, and its top captions."""
+        regions = self.regions(result, threshold)
+        region, index = region_from_click(regions, image.shape[:2], x, y)
+        return region, index, self.describe(image, region, object_name)[:top]
+
+
+def _check_rgb(image: np.ndarray) -> np.ndarray:
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise PipelineError(f"Expected an H x W x 3 uint8 RGB image, got {array.dtype} {array.shape}.")
+    return array
+
+
+def _load_describer(folder: Path):
+    if not (folder / "describer_config.json").is_file():
+        return None
+    from .alphaclip import AlphaDescriber
+
+    return AlphaDescriber.from_pretrained(folder).eval()
+
+
+def _load_clip_ada(folder: Path):
+    if not (folder / "config.json").is_file():
+        return None
+    from .clip_ada import ClipADA
+
+    return ClipADA.load(folder)

@@ -1,0 +1,1 @@
+"""The Gradio app: calls defectclip.pipeline and nothing deeper."""
