@@ -21,6 +21,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; an artifact folder is meant to be shared
     try:
         yield staging
     except BaseException:
@@ -42,6 +43,7 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600; the JSON is meant to be read by others
     os.replace(handle.name, path)
     return path
 

@@ -100,11 +100,11 @@ def build_demo(pipeline: InspectionPipeline) -> gr.Blocks:
                 score_button = gr.Button("Score", variant="primary", elem_id="score")
             with gr.Column(scale=2):
                 picture = gr.Image(label="Heatmap (click a region)", interactive=False, elem_id="heatmap",
-                                   format="png")
+                                   format="png", height=420)
                 with gr.Row():
                     score_box = gr.Number(label="Anomaly score", elem_id="score-value")
                     verdict_box = gr.Textbox(label="Verdict", elem_id="verdict")
-                threshold = gr.Slider(0.0, 1.0, value=0.5, label="Threshold", elem_id="threshold")
+                threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.001, label="Threshold", elem_id="threshold")
                 message = gr.Textbox(label="Regions", elem_id="message")
             with gr.Column(scale=1):
                 captions = gr.Label(num_top_classes=3, label="What is this region?", elem_id="captions")

@@ -12,12 +12,12 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -74,9 +74,12 @@ def make_accelerator(args: argparse.Namespace) -> tuple[Accelerator, Progress]:
         automatic_checkpoint_naming=True,
         total_limit=args.checkpoints_total_limit,
     )
+    # sync_with_dataloader=False: Accelerate would otherwise force an optimizer step at every epoch end,
+    # which shifts the micro-batch count a resumed run uses to find its place in the data.
+    accumulation = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_accumulation_plugin=accumulation,
         project_config=project,
     )
     progress = Progress()
@@ -118,12 +121,19 @@ def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
     return max(1, math.ceil(args.epochs * batches_per_epoch / args.gradient_accumulation_steps))
 
 
-def batches_from(loader, accelerator: Accelerator, start_batch: int, generator: torch.Generator | None = None) -> Iterator:
+def batches_from(
+    loader,
+    accelerator: Accelerator,
+    start_batch: int,
+    generator: torch.Generator | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+) -> Iterator:
     """Endless batches in a reproducible order, starting at micro-batch `start_batch`.
 
     `generator` is the one given to the DataLoader's shuffling: each epoch reseeds it from the epoch
     number, so after a resume the same batches come in the same order and the ones already trained on
-    are skipped.
+    are skipped. `on_epoch(epoch)` runs before each epoch's iterator is made, so a sampler (it runs in
+    the main process) can learn the true epoch number, which also holds after a resume.
     """
     per_epoch = len(loader)
     if per_epoch == 0:
@@ -132,6 +142,8 @@ def batches_from(loader, accelerator: Accelerator, start_batch: int, generator: 
     while True:
         if generator is not None:
             generator.manual_seed(1_000_003 * epoch + 17)
+        if on_epoch is not None:
+            on_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         yield from epoch_loader
         epoch, skip = epoch + 1, 0

@@ -1,0 +1,328 @@
+"""TAB pretraining: align a CNN trunk with frozen text vectors of normal and abnormal object states.
+
+Every step feeds B normal images and their B synthetic-anomaly versions (NSA by default) through the
+trunk and projection head and classifies the 2B embeddings against the objects' class vectors
+(defectclip.prompts): `--loss joint` over all 2K (object, state) vectors, `--loss paper` as TAB's Eq. 6.
+
+    python -m train.tab_pretrain --data /data/mvtec --output-dir outputs/tab-resnet18
+    python -m train.tab_pretrain --data ../shared/data/magnetic_tile --vision offline:efficientnet_lite0 \\
+        --text offline:minilm --image-size 160 --max-steps 300 --output-dir outputs/tab-lite0
+    accelerate launch -m train.tab_pretrain ...            # several GPUs: the same flags
+
+The output folder holds the artifact (see defectclip.tab: the trunk in timm's format, projection head,
+tab_config.json) plus metrics.json, and `checkpoints/` for `--resume latest`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from defectclip.data import DataError, MVTecDataset
+from defectclip.io import atomic_dir, write_json_atomic
+from defectclip.prompts import PROMPT_LEVELS, PromptSettings, class_text_vectors
+from defectclip.tab import (
+    HEADS, LOSSES, SYNTHESES, EpochShuffle, SyntheticPairs, TABBackbone, TABConfig, TABError, check_loss, pair_loss,
+)
+from defectclip.towers import TowerError, build_text_tower, build_vision_tower
+from train.common import (
+    add_common_args,
+    batches_from,
+    check_common_args,
+    checkpoint_dir,
+    log_loss,
+    make_accelerator,
+    maybe_checkpoint,
+    resume_if_asked,
+    seed_everything,
+    total_steps,
+)
+
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "constant")
+METRICS_NAME = "metrics.json"
+ARTIFACT_FILES = ("config.json", "model.safetensors", "projection.safetensors", "tab_config.json", METRICS_NAME)
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 1e-2}
+
+
+# --------------------------------------------------------------------------------------------------
+# arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.tab_pretrain", description=__doc__.split("\n")[0])
+    tab = parser.add_argument_group("TAB")
+    tab.add_argument("--data", type=Path, nargs="+", required=True,
+                     help="MVTec-layout roots or category folders; only <category>/train/good is read")
+    tab.add_argument("--vision", default="timm:resnet18",
+                     help="vision trunk spec (timm CNN); offline: offline:efficientnet_lite0, tests: tiny:cnn")
+    tab.add_argument("--text", default="open_clip:ViT-B-16/laion400m_e32",
+                     help="frozen text tower spec; offline: offline:minilm, tests: tiny:text")
+    tab.add_argument("--synthesis", choices=SYNTHESES, default="nsa", help="how the anomalous twin of each image is made")
+    tab.add_argument("--loss", choices=LOSSES, default="joint",
+                     help="joint: all 2K (object, state) vectors; paper: TAB Eq. 6 (needs >= 2 categories)")
+    tab.add_argument("--head", choices=HEADS, default="linear", help="projection head from trunk features to text space")
+    tab.add_argument("--prompts", choices=PROMPT_LEVELS, default="industrial",
+                     help="prompt set, as in TAB's Table 8 ablation (industrial = the full set)")
+    tab.add_argument("--image-size", type=int, default=None, help="square training size (default: the trunk's own)")
+    tab.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                     help="sgd: momentum 0.9, as TAB's official code; adamw: try --lr 1e-4")
+    tab.add_argument("--weight-decay", type=float, default=None,
+                     help=f"weight decay of weights (not biases, norms or the logit scale); default {DEFAULT_WEIGHT_DECAY}")
+    tab.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
+                     help="cosine: decay to 0 over the run's total steps; constant: keep --lr")
+    tab.add_argument("--text-cache", type=Path, default=None, help="folder caching the class text vectors as safetensors")
+    add_common_args(parser, batch_size=32, lr=0.01)
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    if args.image_size is not None and args.image_size < 32:
+        raise SystemExit(f"--image-size must be at least 32 pixels, got {args.image_size}")
+    check_fresh_output(args)
+    return args
+
+
+def check_fresh_output(args: argparse.Namespace) -> None:
+    """A new run into a folder that holds checkpoints would fail at its first save; say so at once."""
+    if not args.resume and any(checkpoint_dir(args.output_dir).glob("checkpoint_*")):
+        raise SystemExit(f"{checkpoint_dir(args.output_dir)} already holds checkpoints: pass --resume latest to "
+                         "continue that run, or choose another --output-dir.")
+
+
+# --------------------------------------------------------------------------------------------------
+# building
+
+
+def list_training_images(roots: list[Path]) -> tuple[list[Path], list[int], list[str]]:
+    """train/good images of every category under the roots, their object index, and the object names."""
+    try:
+        refs = [ref for root in roots for ref in MVTecDataset(root, "train").refs]
+    except DataError as err:
+        raise SystemExit(f"--data: {err}") from err
+    objects = sorted({ref.object for ref in refs})
+    index = {name: i for i, name in enumerate(objects)}
+    return [ref.image_path for ref in refs], [index[ref.object] for ref in refs], objects
+
+
+def build_text_vectors(args: argparse.Namespace, objects: list[str], device) -> tuple[torch.Tensor, int]:
+    """cat(normal (K, D), abnormal (K, D)) on `device`, computed there once."""
+    try:
+        tower = build_text_tower(args.text)
+    except TowerError as err:
+        raise SystemExit(f"--text: {err}") from err
+    tower.to(device)
+    normal, abnormal = class_text_vectors(tower, objects, PromptSettings(args.prompts), args.text_cache)
+    # towers.py keeps open_clip models in a process-wide cache: park it on the CPU, not in GPU memory.
+    tower.to("cpu")
+    return torch.cat([normal, abnormal]).to(device), tower.dim
+
+
+def build_model(args: argparse.Namespace, objects: list[str], text_dim: int) -> TABBackbone:
+    try:
+        trunk = build_vision_tower(args.vision)
+        config = TABConfig(vision=args.vision, text=args.text, objects=objects, text_dim=text_dim, loss=args.loss,
+                           head=args.head, image_size=args.image_size, synthesis=args.synthesis,
+                           prompts=PromptSettings(args.prompts).to_dict())
+        return TABBackbone.build(config, trunk)
+    except (TowerError, TABError) as err:
+        raise SystemExit(f"--vision: {err}") from err
+
+
+def build_loader(dataset: SyntheticPairs, args: argparse.Namespace, generator: torch.Generator):
+    """drop_last: a last batch of one pair would make BatchNorm statistics meaningless. Persistent
+    workers: small datasets have short epochs, and restarting workers every epoch would starve the GPU."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=EpochShuffle(len(dataset), generator), drop_last=True,
+        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
+    )
+
+
+def build_optimizer(args: argparse.Namespace, model: TABBackbone) -> torch.optim.Optimizer:
+    """Weight decay on weight matrices and kernels only: decaying biases, norm scales or the logit
+    scale only pulls them towards values that carry no meaning."""
+    decay = args.weight_decay if args.weight_decay is not None else DEFAULT_WEIGHT_DECAY[args.optimizer]
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def build_scheduler(args: argparse.Namespace, optimizer, total: int, num_processes: int):
+    """A plain function as the lambda, so the schedule follows this run's total steps even after a
+    resume with another --max-steps (LambdaLR keeps functions out of its saved state).
+
+    Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
+    """
+    horizon = max(1, total * num_processes)
+
+    def factor(scheduler_step: int) -> float:
+        if args.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(scheduler_step, horizon) / horizon))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+class LossLog:
+    """Per-step losses kept on the device and read back once per logging window, not every step
+    (each read is a device synchronisation)."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.pending: list[torch.Tensor] = []
+        self.history: list[tuple[int, float]] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss.detach())
+
+    def flush(self, step: int) -> float | None:
+        if not self.pending:
+            return None
+        mean = self.accelerator.reduce(torch.stack(self.pending).float().mean(), reduction="mean").item()
+        self.pending.clear()
+        self.history.append((step, mean))
+        return mean
+
+
+def train_loop(accelerator, progress, model, optimizer, scheduler, loader, sampler, text_vectors,
+               args, total: int) -> tuple[LossLog, int, float]:
+    """Run until `total` optimizer steps; returns the loss log, micro-batches run and seconds taken."""
+    preprocess = accelerator.unwrap_model(model).preprocess
+    log = LossLog(accelerator)
+    start_batch = progress.step * args.gradient_accumulation_steps
+    batches = batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch)
+    bar = tqdm(total=total, initial=progress.step, desc="TAB", disable=not accelerator.is_local_main_process)
+    model.train()
+    micro_batches, started = 0, time.perf_counter()
+    while progress.step < total:
+        with accelerator.accumulate(model):
+            loss = pair_loss(model, next(batches), text_vectors, args.loss, preprocess)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        log.add(loss)
+        micro_batches += 1
+        if accelerator.sync_gradients:
+            progress.step += 1
+            bar.update(1)
+            after_step(accelerator, progress, args, log, bar, total)
+    bar.close()
+    return log, micro_batches, time.perf_counter() - started
+
+
+def after_step(accelerator, progress, args, log: LossLog, bar, total: int) -> None:
+    if progress.step % args.log_every == 0 or progress.step == total:
+        mean = log.flush(progress.step)
+        if mean is not None:
+            log_loss(accelerator, progress, args, mean, bar)
+    maybe_checkpoint(accelerator, progress, args, total)
+
+
+# --------------------------------------------------------------------------------------------------
+# saving
+
+
+def carry_over(old: Path, new: Path) -> None:
+    """Move what the previous folder holds besides the artifact (checkpoints/, logs) into the new one."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if not (new / entry.name).exists():
+            os.replace(entry, new / entry.name)
+
+
+def save_artifact(model: TABBackbone, output_dir: Path, metrics: dict, step: int) -> None:
+    """Replace the artifact in one rename, keeping checkpoints/ so `--resume latest` still works."""
+    with atomic_dir(output_dir) as staging:
+        model.write_files(staging, step)
+        write_json_atomic(staging / METRICS_NAME, metrics)
+        carry_over(output_dir, staging)
+
+
+def push_artifact(output_dir: Path, repo: str) -> None:
+    """Push the artifact files only: checkpoints are resumable state, not part of the model."""
+    from hub.push import push_folder
+
+    with tempfile.TemporaryDirectory(prefix="tab-push-") as folder:
+        for name in ARTIFACT_FILES:
+            shutil.copy2(output_dir / name, Path(folder) / name)
+        push_folder(folder, repo)
+
+
+def run_metrics(log: LossLog, progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
+    images = micro_batches * 2 * args.batch_size * accelerator.num_processes  # normal + synthetic
+    return {
+        "final_loss": log.history[-1][1] if log.history else None,
+        "first_loss": log.history[0][1] if log.history else None,
+        "loss_history": [[step, loss] for step, loss in log.history],
+        "steps": progress.step,
+        "micro_batches_this_run": micro_batches,
+        "images_per_second": images / seconds if seconds > 0 else None,
+        "wall_seconds": seconds,
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+
+
+def prepare_training(args, accelerator):
+    """Data, text vectors and model, each failing with a message that names the flag to change."""
+    paths, labels, objects = list_training_images(args.data)
+    try:
+        check_loss(args.loss, len(objects))
+    except TABError as err:
+        raise SystemExit(f"--loss {args.loss}: {err}") from err
+    text_vectors, text_dim = build_text_vectors(args, objects, accelerator.device)
+    model = build_model(args, objects, text_dim)
+    dataset = SyntheticPairs(paths, labels, model.config.image_size, args.synthesis, args.seed)
+    accelerator.print(f"TAB: {len(paths)} images, objects {objects}, {args.vision} + {args.text}, "
+                      f"{model.config.image_size}px, loss {args.loss}")
+    return model, dataset, text_vectors
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator, progress = make_accelerator(args)
+    seed_everything(args.seed)
+    model, dataset, text_vectors = prepare_training(args, accelerator)
+    plain_loader = build_loader(dataset, args, torch.Generator())
+    loader = accelerator.prepare(plain_loader)
+    total = total_steps(args, len(loader))
+    optimizer = build_optimizer(args, model)
+    scheduler = build_scheduler(args, optimizer, total, accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    resume_if_asked(accelerator, args)
+    log, micro_batches, seconds = train_loop(accelerator, progress, model, optimizer, scheduler, loader,
+                                             plain_loader.sampler, text_vectors, args, total)
+    metrics = run_metrics(log, progress, micro_batches, seconds, args, accelerator)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_artifact(accelerator.unwrap_model(model), args.output_dir, metrics, progress.step)
+        if args.push_to_hub:
+            push_artifact(args.output_dir, args.push_to_hub)
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
