@@ -127,6 +127,7 @@ def batches_from(
     start_batch: int,
     generator: torch.Generator | None = None,
     on_epoch: Callable[[int], None] | None = None,
+    seed: int = 0,
 ) -> Iterator:
     """Endless batches in a reproducible order, starting at micro-batch `start_batch`.
 
@@ -141,7 +142,7 @@ def batches_from(
     epoch, skip = divmod(start_batch, per_epoch)
     while True:
         if generator is not None:
-            generator.manual_seed(1_000_003 * epoch + 17)
+            generator.manual_seed(1_000_003 * epoch + 7_919 * seed + 17)  # differs by --seed and by epoch
         if on_epoch is not None:
             on_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader

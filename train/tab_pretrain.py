@@ -206,7 +206,7 @@ def train_loop(accelerator, progress, model, optimizer, scheduler, loader, sampl
     preprocess = accelerator.unwrap_model(model).preprocess
     log = LossLog(accelerator)
     start_batch = progress.step * args.gradient_accumulation_steps
-    batches = batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch)
+    batches = batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch, seed=args.seed)
     bar = tqdm(total=total, initial=progress.step, desc="TAB", disable=not accelerator.is_local_main_process)
     model.train()
     micro_batches, started = 0, time.perf_counter()

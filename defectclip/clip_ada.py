@@ -1,0 +1,486 @@
+"""CLIP-ADA: a learnable text prompt, a linear patch projection and anomaly-region refinement.
+
+The vision and text towers stay frozen. What trains (0.4M parameters per step with ViT-B-16):
+- one linear projection per prediction step, from the chosen feature stage's channels to the text dim;
+- `n_ctx` context vectors that replace placeholder tokens inside one prompt template shared by every
+  category ("a photo of a [ctx] with defects for anomaly detection"), CoOp-style;
+- the scale (inverse temperature) of the cosine similarity.
+
+Step 0 predicts the coarse map: sigmoid(scale * cos(projected patch feature, prompt embedding)). Each
+refinement step multiplies the input image by the previous step's map (upsampled to the image), encodes it
+again and predicts with its own projection. Training minimises BCE(coarse) + lambda * sum BCE(refined) on
+synthetic anomalies; inference takes the last step's map, upsamples it to the input image, smooths it with a
+Gaussian and scores the image by the mean of the top-K map values.
+
+Artifact: `config.json` (tower specs, layer, prompt, refinement steps, preprocessing, threshold) plus
+`model.safetensors` with only the trainable tensors; the frozen towers are rebuilt from their specs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from .data.images import array_to_tensor
+from .data.transforms import Preprocess, build_transform
+from .io import atomic_dir, read_json, write_json_atomic
+from .results import AnomalyResult
+from .towers import TextTower, Tokens, VisionTower, build_text_tower, build_vision_tower, require_hub
+
+MODEL_TYPE = "clip_ada"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+CTX_SLOT = "[ctx]"
+DEFAULT_TEMPLATE = f"a photo of a {CTX_SLOT} with defects for anomaly detection"
+DEFAULT_TOWER = "open_clip:ViT-B-16/laion400m_e32"
+CTX_INITS = ("random", "word")
+# Two different single-token words: tokenizing the template once with each and comparing the ids finds the
+# slots without knowing the tokenizer's special tokens or how it splits the rest of the template.
+PLACEHOLDER_WORDS = ("x", "z")
+# CoOp's initialisation of random context vectors: small next to the word embeddings around them.
+CTX_INIT_STD = 0.02
+# Why a scale, and why learnable: a cosine lies in [-1, 1], so sigmoid(cos) alone stays in [0.27, 0.73]; BCE
+# could never push normal pixels towards 0 and the maps would stay low-contrast. How sharp the map should be
+# depends on the tower and layer (how far apart a linear projection can push normal and defective patches),
+# so the scale is learned -- one scalar -- starting at CLIP's own 1 / 0.07 and clamped to [1, 100] like CLIP's
+# logit scale. A global scale does not change AUROC/AP rankings, but it does change the threshold and the
+# refinement input (the sigmoid map multiplies the image), which is why it is not left at 1.
+DEFAULT_SCALE = 1.0 / 0.07
+MIN_SCALE, MAX_SCALE = 1.0, 100.0
+# The paper's K = 500 is for 256 x 256 images; other sizes keep the same fraction of the image area.
+TOP_K_REFERENCE_AREA = 256 * 256
+
+
+@dataclass
+class ClipADAConfig:
+    """Everything needed to rebuild a model before its weights are loaded."""
+
+    vision: str = DEFAULT_TOWER
+    text: str = DEFAULT_TOWER
+    layer: str | None = None  # vision stage name; None = the tower's middle stage
+    n_ctx: int = 4
+    template: str = DEFAULT_TEMPLATE
+    learnable_prompt: bool = True
+    ctx_init: str = "random"  # "random" (CoOp) or "word": every slot starts as ctx_word's embedding
+    ctx_word: str = "object"  # what the fixed prompt puts in the slot, and the "word" initialisation
+    refine_steps: int = 1
+    image_size: list[int] | None = None  # [height, width]; None = the vision tower's native size
+    learnable_scale: bool = True
+    scale: float = DEFAULT_SCALE  # initial value when learnable, the constant otherwise
+    sigma: float = 4.0  # Gaussian smoothing of the full-resolution map, in pixels
+    top_k: int = 500  # at a 256 x 256 input image; scaled with the input image's area
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be at least 1, got {self.n_ctx}")
+        if self.template.count(CTX_SLOT) != 1:
+            raise ValueError(f"template must contain {CTX_SLOT!r} exactly once, got {self.template!r}")
+        if self.ctx_init not in CTX_INITS:
+            raise ValueError(f"ctx_init must be one of {CTX_INITS}, got {self.ctx_init!r}")
+        if self.refine_steps not in (0, 1, 2):
+            raise ValueError(f"refine_steps must be 0, 1 or 2, got {self.refine_steps}")
+        if not MIN_SCALE <= self.scale <= MAX_SCALE:
+            raise ValueError(f"scale must be in [{MIN_SCALE}, {MAX_SCALE}], got {self.scale}")
+        if self.top_k < 1 or self.sigma < 0:
+            raise ValueError(f"top_k must be >= 1 and sigma >= 0, got {self.top_k} and {self.sigma}")
+        if self.image_size is not None:
+            self.image_size = _as_size(self.image_size)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClipADAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown CLIP-ADA config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+def _as_size(size: int | Sequence[int]) -> list[int]:
+    pair = [int(size)] * 2 if isinstance(size, (int, np.integer)) else [int(s) for s in size]
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"image_size must be [height, width] with positive values, got {size}")
+    return pair
+
+
+# --------------------------------------------------------------------------------------------------
+# frozen towers that never enter a state dict
+
+
+class FrozenTowers(nn.Module):
+    """The vision and text towers: frozen, always in eval mode, and left out of state dicts.
+
+    They are rebuilt from their spec strings, so checkpoints and artifacts carry only what trains (KBs, not
+    the towers' hundreds of MB). They are still registered submodules, so `.to()` and Accelerate's device
+    placement move them with the rest of the model.
+    """
+
+    def __init__(self, vision: VisionTower, text: TextTower):
+        super().__init__()
+        self.vision = vision
+        self.text = text
+        self.requires_grad_(False)
+        self.eval()
+        self._load_prefix = ""
+        self.register_state_dict_post_hook(_drop_keys_under_prefix)
+        self.register_load_state_dict_pre_hook(_remember_load_prefix)
+        self.register_load_state_dict_post_hook(_forgive_missing_tower_keys)
+
+    def train(self, mode: bool = True) -> "FrozenTowers":
+        # Dropout or batch-norm statistics updates would change the "frozen" features while training.
+        return super().train(False)
+
+
+def _drop_keys_under_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _remember_load_prefix(module: FrozenTowers, state_dict, prefix: str, *args) -> None:
+    # The post-hook below is not told where in the model this module sits; this pre-hook is.
+    module._load_prefix = prefix
+
+
+def _forgive_missing_tower_keys(module: FrozenTowers, incompatible) -> None:
+    prefix = module._load_prefix
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(prefix)]
+
+
+# --------------------------------------------------------------------------------------------------
+# prompts
+
+
+def locate_slots(text: TextTower, template: str, n_ctx: int) -> tuple[Tokens, int]:
+    """Tokenize `template` with n_ctx placeholder words in its slot; return the tokens and the first slot.
+
+    The template is tokenized twice, with two different single-token placeholder words; the positions where
+    the ids differ are the slots. That works for any tokenizer (CLIP BPE, BERT WordPiece) and notices a
+    slot the tokenizer truncated away.
+    """
+    filled = [text.tokenize([template.replace(CTX_SLOT, " ".join([word] * n_ctx))]) for word in PLACEHOLDER_WORDS]
+    first, second = filled[0].input_ids[0], filled[1].input_ids[0]
+    slots = torch.nonzero(first != second).flatten().tolist() if first.shape == second.shape else []
+    if len(slots) != n_ctx or slots != list(range(slots[0], slots[0] + n_ctx)):
+        raise ValueError(
+            f"{text.spec}: expected {n_ctx} consecutive context slots in {template!r}, found positions {slots} "
+            "(was the template cut off at the tokenizer's maximum length?)"
+        )
+    return filled[0], slots[0]
+
+
+def word_token_ids(text: TextTower, word: str) -> list[int]:
+    """The ids of `word`'s own tokens: those of `tokenize([word])` minus special tokens and padding."""
+    empty = text.tokenize([""])
+    specials = set(empty.input_ids[0][empty.attention_mask[0].bool()].tolist())
+    tokens = text.tokenize([word])
+    ids = [i for i in tokens.input_ids[0][tokens.attention_mask[0].bool()].tolist() if i not in specials]
+    if not ids:
+        raise ValueError(f"{text.spec}: {word!r} tokenizes to no word tokens.")
+    return ids
+
+
+class LearnablePrompt(nn.Module):
+    """`n_ctx` trainable vectors that replace the slot's placeholder token embeddings in the template."""
+
+    def __init__(self, text: TextTower, template: str, n_ctx: int, ctx_init: str, ctx_word: str):
+        super().__init__()
+        tokens, start = locate_slots(text, template, n_ctx)
+        self.start, self.n_ctx = start, n_ctx
+        with torch.no_grad():
+            embeds = text.token_embedding(tokens.input_ids)
+        # Not persistent: all three are rebuilt from the template and the tower.
+        self.register_buffer("input_ids", tokens.input_ids, persistent=False)
+        self.register_buffer("attention_mask", tokens.attention_mask, persistent=False)
+        self.register_buffer("template_embeds", embeds, persistent=False)
+        self.ctx = nn.Parameter(self.initial_context(text, n_ctx, embeds.shape[-1], ctx_init, ctx_word))
+
+    @staticmethod
+    def initial_context(text: TextTower, n_ctx: int, width: int, ctx_init: str, ctx_word: str) -> torch.Tensor:
+        if ctx_init == "word":
+            with torch.no_grad():
+                vector = text.token_embedding(torch.tensor(word_token_ids(text, ctx_word))).mean(0)
+            return vector.repeat(n_ctx, 1).clone()
+        return torch.randn(n_ctx, width) * CTX_INIT_STD
+
+    def forward(self, text: TextTower) -> torch.Tensor:
+        """The prompt's L2-normalised text embedding (dim,), differentiable in the context vectors."""
+        before = self.template_embeds[:, : self.start]
+        after = self.template_embeds[:, self.start + self.n_ctx :]
+        embeds = torch.cat([before, self.ctx[None].to(before.dtype), after], dim=1)
+        return text.encode_tokens(Tokens(self.input_ids, self.attention_mask), inputs_embeds=embeds)[0]
+
+
+class FixedPrompt(nn.Module):
+    """The ablation: the template with `ctx_word` in the slot, encoded once; nothing trains."""
+
+    def __init__(self, text: TextTower, template: str, ctx_word: str):
+        super().__init__()
+        self.sentence = template.replace(CTX_SLOT, ctx_word)
+        self.register_buffer("embedding", text.encode([self.sentence])[0], persistent=False)
+
+    def forward(self, text: TextTower) -> torch.Tensor:
+        return self.embedding
+
+
+# --------------------------------------------------------------------------------------------------
+# the model
+
+
+def default_layer(vision: VisionTower) -> str:
+    """The middle stage: deep enough for context, shallow enough for detail (the paper's argument)."""
+    names = vision.stage_names
+    return names[len(names) // 2]
+
+
+def top_k_for(height: int, width: int, reference_k: int = 500) -> int:
+    """K for an H x W map: `reference_k` at 256 x 256, scaled with the area, at least 1."""
+    return max(1, round(reference_k * height * width / TOP_K_REFERENCE_AREA))
+
+
+def top_k_mean(anomaly_map: np.ndarray | torch.Tensor, k: int) -> float:
+    """The mean of the k largest values (all values when the map has fewer than k)."""
+    values = torch.as_tensor(np.asarray(anomaly_map)).flatten().float()
+    return float(torch.topk(values, min(k, values.numel())).values.mean())
+
+
+def to_image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A 3 x H x W float tensor in [0, 1] (as `load_image` gives) or an H x W x 3 uint8 array -> the former."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"numpy images must be H x W x 3 uint8, got {image.dtype}")
+        return array_to_tensor(image)
+    if not torch.is_floating_point(image) or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"tensor images must be 3 x H x W floats in [0, 1] (as load_image returns), got {image.dtype} "
+            f"{tuple(image.shape)}"
+        )
+    return image.float()
+
+
+class ClipADA(nn.Module):
+    """CLIP-ADA on frozen towers; see the module docstring. Build with `ClipADA(config)` or `ClipADA.load`."""
+
+    def __init__(self, config: ClipADAConfig, vision: VisionTower | None = None, text: TextTower | None = None):
+        super().__init__()
+        vision = vision if vision is not None else build_vision_tower(config.vision)
+        text = text if text is not None else build_text_tower(config.text)
+        if (vision.spec, text.spec) != (config.vision, config.text):
+            raise ValueError(
+                f"Towers {vision.spec!r} / {text.spec!r} were passed for a config naming {config.vision!r} / {config.text!r}."
+            )
+        self.config = config
+        self.layer = config.layer or default_layer(vision)
+        if self.layer not in vision.stages:
+            raise ValueError(f"Layer {self.layer!r} is not a stage of {vision.spec}; choose one of {vision.stage_names}.")
+        self.preprocess = self._preprocess_for(vision, config.image_size)
+        self.towers = FrozenTowers(vision, text)
+        self.prompt = self._build_prompt(text, config)
+        channels = vision.stages[self.layer].channels
+        # One projection per prediction step; the paper's refinement layers do not share weights.
+        self.projections = nn.ModuleList(nn.Linear(channels, text.dim) for _ in range(1 + config.refine_steps))
+        log_scale = torch.tensor(math.log(config.scale))
+        if config.learnable_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale, persistent=False)
+        self.transform = build_transform(self.preprocess)
+
+    @staticmethod
+    def _preprocess_for(vision: VisionTower, image_size: list[int] | None) -> Preprocess:
+        preprocess = vision.preprocess if image_size is None else vision.preprocess.with_size(tuple(image_size))
+        if vision.is_vit and tuple(preprocess.size) != tuple(vision.preprocess.size):
+            # A ViT's position embeddings are fixed to its native grid; other sizes would fail inside it.
+            raise ValueError(f"{vision.spec} is a ViT and runs at its native size {vision.preprocess.size} only.")
+        return preprocess
+
+    @staticmethod
+    def _build_prompt(text: TextTower, config: ClipADAConfig) -> nn.Module:
+        if config.learnable_prompt:
+            return LearnablePrompt(text, config.template, config.n_ctx, config.ctx_init, config.ctx_word)
+        return FixedPrompt(text, config.template, config.ctx_word)
+
+    # -------------------------------------------------------------------------------- the forward pass
+
+    @property
+    def refine_steps(self) -> int:
+        return len(self.projections) - 1
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(MIN_SCALE, MAX_SCALE)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def text_embedding(self) -> torch.Tensor:
+        return self.prompt(self.towers.text)
+
+    def stage_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen tower's chosen stage, N x C x h x w. No gradient: nothing before it trains."""
+        with torch.no_grad():
+            return self.towers.vision.forward_features(images, [self.layer])[self.layer]
+
+    def similarity_logits(self, features: torch.Tensor, step: int, text: torch.Tensor) -> torch.Tensor:
+        """scale * cos(projected patch, text) -> N x h x w logits (the sigmoid comes in the loss / maps)."""
+        projected = self.projections[step](features.permute(0, 2, 3, 1).to(self.projections[step].weight.dtype))
+        return self.scale * (F.normalize(projected, dim=-1) @ text.to(projected.dtype))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised N x 3 x H x W model inputs -> logits N x h x w per step, coarse first, refined last.
+
+        Each refinement step multiplies the (normalised) input by the previous map: suppressed pixels become
+        the dataset mean, a neutral input, rather than black, which is itself a strong pattern. The map is
+        detached there: the coarse head has its own loss, and not back-propagating through the frozen image
+        encoder keeps training at one forward pass per step and no encoder activations in memory.
+        """
+        text = self.text_embedding()
+        logits = [self.similarity_logits(self.stage_features(images), 0, text)]
+        for step in range(1, self.refine_steps + 1):
+            attention = upsample(torch.sigmoid(logits[-1].detach()), images.shape[-2:])
+            logits.append(self.similarity_logits(self.stage_features(images * attention[:, None]), step, text))
+        return logits
+
+    # -------------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def probability_maps(self, images: Sequence[np.ndarray | torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
+        """The last step's sigmoid map at feature resolution (h x w) for each image, any input sizes."""
+        self.eval()
+        device = self.log_scale.device
+        maps = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([self.transform(to_image_tensor(im)) for im in images[start : start + batch_size]])
+            maps.extend(torch.sigmoid(self(batch.to(device))[-1]).float().cpu())
+        return maps
+
+    def finish_map(self, probability_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """Feature-resolution map -> H x W float32 at the input image's size, Gaussian-smoothed."""
+        full = upsample(probability_map[None], size)[0].numpy().astype(np.float32)
+        return gaussian_filter(full, sigma=self.config.sigma) if self.config.sigma > 0 else full
+
+    def image_score(self, anomaly_map: np.ndarray) -> float:
+        return top_k_mean(anomaly_map, top_k_for(*anomaly_map.shape, self.config.top_k))
+
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor], batch_size: int = 8) -> list[AnomalyResult]:
+        """Images (3 x H x W float in [0, 1], or H x W x 3 uint8), any sizes -> one AnomalyResult each."""
+        images = list(images)
+        results = []
+        for image, prob in zip(images, self.probability_maps(images, batch_size)):
+            size = tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
+            anomaly_map = self.finish_map(prob, size)
+            results.append(AnomalyResult.from_map(anomaly_map, self.image_score(anomaly_map), self.config.threshold))
+        return results
+
+    def calibrate_threshold(self, normal_images: Sequence, quantile: float = 0.99, batch_size: int = 8) -> float:
+        """Set the threshold to a high quantile of the image scores of defect-free images; return it.
+
+        Scores are top-K means of the map, so the same value also serves as the pixel threshold of the mask.
+        Without normal images the threshold stays at the sigmoid's midpoint, 0.5.
+        """
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        normal_images = list(normal_images)
+        if normal_images:
+            scores = [r.score for r in self.predict(normal_images, batch_size)]
+            self.config.threshold = float(np.quantile(scores, quantile))
+        return self.config.threshold
+
+    # -------------------------------------------------------------------------------- saving and loading
+
+    def config_dict(self) -> dict:
+        resolved = asdict(self.config) | {"layer": self.layer, "image_size": list(self.preprocess.size)}
+        return {
+            "model_type": MODEL_TYPE,
+            "format_version": FORMAT_VERSION,
+            "trainable_parameters": self.num_trainable_parameters(),
+            "preprocess": self.preprocess.to_dict(),
+            "config": resolved,
+        }
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        # state_dict() holds exactly the trainable tensors: the towers drop themselves, buffers are transient.
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write config.json + model.safetensors into `folder`, replacing it in one rename."""
+        from safetensors.torch import save_file
+
+        with atomic_dir(folder) as staging:
+            write_json_atomic(staging / CONFIG_NAME, self.config_dict())
+            save_file(self.trainable_state_dict(), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu",
+             vision: VisionTower | None = None, text: TextTower | None = None) -> "ClipADA":
+        """Load a saved model from a folder or `hf-hub:<repo>`; strict about missing or unexpected keys.
+
+        `vision` / `text` reuse towers already built from the same specs (the app and tests save rebuilds).
+        """
+        folder = resolve_folder(folder)
+        saved = read_json(folder / CONFIG_NAME)
+        if saved.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{folder} holds a {saved.get('model_type')!r} model, not {MODEL_TYPE!r}.")
+        model = cls(ClipADAConfig.from_dict(saved["config"]), vision=vision, text=text)
+        if "preprocess" in saved:
+            model.preprocess = Preprocess.from_dict(saved["preprocess"])
+            model.transform = build_transform(model.preprocess)
+        model.load_trainable(folder / WEIGHTS_NAME)
+        return model.to(device).eval()
+
+    def load_trainable(self, weights: Path) -> None:
+        from safetensors.torch import load_file
+
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: a CLIP-ADA artifact needs {WEIGHTS_NAME}.")
+        state = load_file(str(weights))
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match the config: missing keys {missing}, unexpected keys {unexpected}.")
+        self.load_state_dict(state, strict=True)
+
+
+def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """N x h x w -> N x H x W, bilinear."""
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def clip_ada_loss(logits: Sequence[torch.Tensor], masks: torch.Tensor, refine_weight: float = 1.0) -> torch.Tensor:
+    """BCE(coarse) + refine_weight * sum of BCE(refined steps), each against the pixel masks.
+
+    The logits are upsampled to the masks' resolution (the training image size) rather than the masks
+    shrunk to the feature grid: small defects would vanish from a nearest-neighbour 14 x 14 mask, and the
+    upsampled map is what inference scores.
+    """
+    targets = masks.float()
+    losses = [F.binary_cross_entropy_with_logits(upsample(step.float(), targets.shape[-2:]), targets) for step in logits]
+    return losses[0] + refine_weight * sum(losses[1:], torch.zeros((), device=targets.device))
+
+
+def resolve_folder(folder: str | Path) -> Path:
+    """A local folder as is; `hf-hub:<repo>` downloaded (or taken from the cache) first."""
+    name = str(folder)
+    if name.startswith("hf-hub:"):
+        repo = name.removeprefix("hf-hub:")
+        require_hub(name, "a local artifact folder")
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo))
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"CLIP-ADA artifact folder {path} does not exist.")
+    return path
