@@ -1,0 +1,214 @@
+"""Region splitting (DBSCAN), captions and transplanted defects, on masks drawn by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defectclip.captions import (
+    TEMPLATES,
+    all_captions,
+    candidate_captions,
+    caption,
+    defect_phrase,
+    indefinite_article,
+)
+from defectclip.data.regions import bounding_box, split_regions, split_sample_regions
+from defectclip.data.transplant import transplant_region
+
+
+def blank(shape=(64, 80)) -> np.ndarray:
+    return np.zeros(shape, dtype=bool)
+
+
+def assert_partition(mask: np.ndarray, regions: list[np.ndarray]) -> None:
+    """Every foreground pixel in exactly one region, no background pixel in any."""
+    cover = np.sum([r.astype(int) for r in regions], axis=0)
+    assert cover[mask].min() == 1 and cover[mask].max() == 1
+    assert cover[~mask].max() == 0
+
+
+# ------------------------------------------------------------------------------------------- regions
+
+
+def test_two_separate_blobs_give_two_regions_in_raster_order():
+    mask = blank()
+    mask[5:15, 5:20] = True
+    mask[35:55, 40:70] = True
+    split = split_regions(mask)
+    assert len(split) == 2 and split.dropped == 0
+    assert bounding_box(split.regions[0]) == [5, 5, 20, 15]
+    assert bounding_box(split.regions[1]) == [40, 35, 70, 55]
+    assert_partition(mask, split.regions)
+    labels = split.label_map()
+    assert labels[10, 10] == 1 and labels[40, 50] == 2 and labels[0, 0] == 0
+
+
+def test_one_blob_gives_one_region_and_accepts_torch_and_uint8_masks():
+    mask = blank()
+    mask[10:30, 10:30] = True
+    assert len(split_regions(mask)) == 1
+    assert len(split_regions(torch.from_numpy(mask))) == 1
+    assert len(split_regions(mask.astype(np.uint8) * 255)) == 1
+
+
+def test_gap_below_eps_is_bridged_and_gap_above_it_is_not():
+    mask = blank()
+    mask[10:20, 5:20] = True
+    mask[10:20, 23:40] = True  # 3 px gap: one dotted defect
+    assert len(split_regions(mask, eps=5)) == 1
+    assert len(split_regions(mask, eps=2)) == 2
+
+
+def test_isolated_noise_pixels_join_their_nearest_cluster():
+    mask = blank()
+    mask[5:15, 5:15] = True
+    mask[40:60, 50:75] = True
+    specks = [(20, 20), (62, 78), (30, 48)]  # nearest: first blob, second blob, second blob
+    for y, x in specks:
+        mask[y, x] = True
+    split = split_regions(mask)
+    assert len(split) == 2 and split.dropped == 0
+    assert_partition(mask, split.regions)
+    first, second = split.regions
+    assert first[20, 20] and second[62, 78] and second[30, 48]
+
+
+def test_only_sparse_specks_become_one_region():
+    mask = blank()
+    for y, x in [(3, 3), (30, 60), (50, 10), (10, 40), (60, 70)]:
+        mask[y, x] = True
+    split = split_regions(mask, min_area=1)
+    assert len(split) == 1
+    assert_partition(mask, split.regions)
+
+
+def test_empty_mask_gives_no_regions():
+    split = split_regions(blank())
+    assert len(split) == 0 and split.dropped == 0
+
+
+def test_region_below_min_area_is_dropped_and_counted():
+    mask = blank()
+    mask[5:25, 5:25] = True
+    mask[50:53, 60:63] = True  # 9 px: dense enough to be its own cluster, too small to keep
+    split = split_regions(mask, min_area=16)
+    assert len(split) == 1 and split.dropped == 1 and split.dropped_pixels == 9
+    assert split.regions[0].sum() == 400
+
+
+def test_large_mask_is_subsampled_seeded_and_still_partitioned():
+    mask = np.zeros((400, 400), dtype=bool)
+    mask[10:100, 10:390] = True
+    mask[300:390, 10:390] = True
+    for y in range(180, 220):  # a thin diagonal scratch, 80 px from both blocks
+        mask[y, 2 * y - 250] = True
+    split = split_regions(mask, max_points=500, seed=3)
+    assert split.stride > 1 and split.eps_used >= 5
+    assert len(split) == 3
+    assert_partition(mask, split.regions)
+    again = split_regions(mask, max_points=500, seed=3)
+    assert all((a == b).all() for a, b in zip(split.regions, again.regions))
+
+
+def test_sample_regions_split_each_type_on_its_own():
+    index = np.zeros((64, 80), dtype=np.int64)
+    index[5:15, 5:15] = 1
+    index[5:15, 60:75] = 1
+    index[40:60, 10:70] = 2
+    index[15:20, 5:15] = 2  # touches a type-1 blob but is another type: its own region
+    result = split_sample_regions({"inclusion": index == 1, "patches": index == 2})
+    assert [defect for defect, _ in result] == ["inclusion", "inclusion", "patches", "patches"]
+    assert result.total_dropped == 0
+    for defect, code in (("inclusion", 1), ("patches", 2)):
+        assert_partition(index == code, [region for d, region in result if d == defect])
+
+
+def test_invalid_parameters_are_refused():
+    with pytest.raises(ValueError):
+        split_regions(blank(), eps=0)
+    with pytest.raises(ValueError):
+        split_regions(np.zeros((2, 3, 4)))
+
+
+# ------------------------------------------------------------------------------------------- captions
+
+
+@pytest.mark.parametrize(
+    "defect, obj, expected",
+    [
+        ("blowhole", "magnetic tile", "a blowhole in the magnetic tile"),
+        ("scratches", "steel strip", "a scratch on the steel strip"),
+        ("patches", "steel_strip", "a patch on the steel strip"),
+        ("inclusion", "steel strip", "an inclusion in the steel strip"),
+        ("break", "magnetic tile", "a break in the magnetic tile"),
+        ("crack", "magnetic tile", "a crack in the magnetic tile"),
+        ("fray", "magnetic tile", "a frayed edge on the magnetic tile"),
+        ("uneven", "magnetic tile", "an uneven area on the magnetic tile"),
+        ("oil_spots", "steel strip", "an oil spot on the steel strip"),
+        ("glass_shard", "bottle", "a glass shard defect on the bottle"),
+        ("Unidentified", "bottle", "an unidentified defect on the bottle"),
+        ("uniform-shift", "bottle", "a uniform shift defect on the bottle"),
+    ],
+)
+def test_canonical_captions_read_right(defect, obj, expected):
+    assert caption(defect, obj) == expected
+
+
+def test_other_templates_and_articles():
+    assert caption("inclusion", "steel strip", 1) == "a photo of a steel strip with an inclusion"
+    assert caption("blowhole", "engine block", 2) == "an engine block showing a blowhole"
+    assert len(all_captions("crack", "tile")) == len(TEMPLATES)
+    assert defect_phrase("scratches") == "a scratch"
+    assert [indefinite_article(w) for w in ("hour", "unit", "apple", "board")] == ["an", "a", "an", "a"]
+    with pytest.raises(ValueError):
+        caption("crack", "tile", template_index=len(TEMPLATES))
+
+
+def test_candidate_captions_are_the_canonical_caption_per_type_in_order():
+    candidates = candidate_captions("steel strip", ["inclusion", "patches", "scratches", "patches"])
+    assert candidates == [
+        "an inclusion in the steel strip",
+        "a patch on the steel strip",
+        "a scratch on the steel strip",
+    ]
+
+
+# ------------------------------------------------------------------------------------------- transplant
+
+
+def test_transplant_places_the_region_and_changes_nothing_far_from_it():
+    rng = np.random.default_rng(0)
+    source = rng.integers(180, 200, (60, 70, 3), dtype=np.uint8)
+    region = np.zeros((60, 70), dtype=bool)
+    region[0:8, 30:50] = True  # touches the source's border
+    source[region] = 20
+    target = np.full((90, 100, 3), 128, dtype=np.uint8)
+
+    placed = transplant_region(source, region, target, "crack", seed=5)
+    assert placed.defect == "crack"
+    assert placed.mask.sum() == region.sum()  # the same shape, moved
+    x0, y0, x1, y1 = bounding_box(placed.mask)
+    assert (x1 - x0, y1 - y0) == (20, 8) and placed.offset == (x0, y0)
+    assert placed.image[placed.mask].mean() < 100  # the dark defect came along
+    near = np.zeros_like(placed.mask)
+    near[max(y0 - 4, 0) : y1 + 4, max(x0 - 4, 0) : x1 + 4] = True
+    assert (placed.image[~near] == 128).all()  # beyond the blending ring the target is untouched
+    again = transplant_region(source, region, target, "crack", seed=5)
+    assert (again.image == placed.image).all() and (again.mask == placed.mask).all()
+
+
+def test_transplant_respects_allowed_area_and_gray_images():
+    source = np.full((40, 40), 200, dtype=np.uint8)
+    region = np.zeros((40, 40), dtype=bool)
+    region[10:16, 10:16] = True
+    source[region] = 10
+    target = np.full((60, 60), 100, dtype=np.uint8)
+    allowed = np.zeros((60, 60), dtype=bool)
+    allowed[:, 30:] = True
+    placed = transplant_region(source, region, target, seed=1, allowed=allowed)
+    assert placed.image.shape == (60, 60)
+    assert allowed[placed.mask].all()
+    with pytest.raises(ValueError):
+        transplant_region(source, region, np.zeros((8, 8), np.uint8))  # too small a canvas
