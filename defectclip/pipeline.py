@@ -16,6 +16,7 @@ which is what `scripts/build_embedded_default.py` writes and what the Hub repos 
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,12 @@ class InspectionModel:
         return float(self.scorer.threshold)
 
 
-def _object_of(config: dict, folder: Path) -> str:
-    return str(config.get("object") or folder.name.replace("_", " "))
+def _object_of(folder: Path) -> str:
+    """inspection.json beside a scorer names the object it inspects; else the folder name stands in."""
+    side = folder / "inspection.json"
+    if side.is_file():
+        return str(json.loads(side.read_text())["object"])
+    return folder.name.replace("_", " ")
 
 
 def load_scorers(folder: Path) -> dict[str, InspectionModel]:
@@ -61,7 +66,7 @@ def load_scorers(folder: Path) -> dict[str, InspectionModel]:
     for model_dir in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
         config = load_config(model_dir)
         scorer = load_scorer(model_dir)
-        object_name = _object_of(config, model_dir)
+        object_name = _object_of(model_dir)
         name = f"{object_name} · {config['model_type']} · {config.get('tower', '')}"
         models[name] = InspectionModel(name, object_name, config["model_type"], scorer)
     return models

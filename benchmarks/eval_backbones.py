@@ -1,0 +1,226 @@
+"""Backbones x methods x seeds on MVTec-layout categories: a table like the TAB paper's Tables 1-2.
+
+    python benchmarks/eval_backbones.py --data /path/to/mvtec_or_category \
+        --towers offline:efficientnet_lite0 local-dir:runs/tab --methods patchcore padim --seeds 0 1 2
+
+For every (tower, method, category, seed) it fits on the category's train/good images, predicts
+the test images and computes image AUROC, pixel AUROC, AUPRO and F1-max; each run prints one JSON
+line. At the end it prints and writes `<out>.json` (every run + the summary) and `<out>.md`: per
+method and metric, one row per backbone, one column per category and the mean, as mean +- std
+over seeds in percent.
+
+`--max-train` / `--max-test` cap the images per category (evenly spaced over the sorted file list,
+test caps keep the normal/defective proportion), so that a CPU run finishes in minutes; the same
+images are used for every backbone, method and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from defectclip.data import MVTecDataset, find_mvtec_categories
+from defectclip.io import write_json_atomic
+from defectclip.metrics import evaluate
+from defectclip.scoring import SCORERS
+from defectclip.towers import build_vision_tower
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+METRIC_TITLES = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%, FPR <= 0.3)"}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="an MVTec AD category folder or a folder of categories")
+    parser.add_argument("--categories", nargs="*", default=None, help="categories to evaluate (default: all found)")
+    parser.add_argument("--towers", nargs="+", default=["offline:efficientnet_lite0"], help="vision tower specs, one table row each")
+    parser.add_argument("--methods", nargs="+", default=["patchcore", "padim"], choices=sorted(SCORERS), help="scoring methods")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (coreset start and projection, PaDiM channels)")
+    parser.add_argument("--image-size", type=int, default=224, help="model input size (square), pixels")
+    parser.add_argument("--max-train", type=int, default=None, help="cap on train/good images per category")
+    parser.add_argument("--max-test", type=int, default=None, help="cap on test images per category")
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore memory bank fraction")
+    parser.add_argument("--padim-d", type=int, default=None, help="PaDiM channels kept (default: min(100, available))")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--out", default="benchmarks/results/eval_backbones", help="output prefix for .json and .md")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def evenly_spaced(count: int, cap: int | None) -> list[int]:
+    """`cap` indices spread evenly over range(count) (all of them without a cap)."""
+    if cap is None or cap >= count:
+        return list(range(count))
+    return sorted({int(i) for i in np.linspace(0, count - 1, cap).round()})
+
+
+def capped_test_indices(labels: Sequence[int], cap: int | None) -> list[int]:
+    """Cap the test set, keeping its normal/defective proportion (and at least one of each)."""
+    labels = np.asarray(labels)
+    if cap is None or cap >= len(labels):
+        return list(range(len(labels)))
+    normal, defective = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    n_normal = min(len(normal), max(1, round(cap * len(normal) / len(labels))))
+    n_defective = min(len(defective), max(1, cap - n_normal))
+    picks = [normal[i] for i in evenly_spaced(len(normal), n_normal)]
+    picks += [defective[i] for i in evenly_spaced(len(defective), n_defective)]
+    return sorted(int(i) for i in picks)
+
+
+@dataclass
+class TestSet:
+    images: list[torch.Tensor]
+    masks: list[np.ndarray]
+    labels: list[int]
+
+
+def load_category(root: Path, category: str, max_train: int | None, max_test: int | None):
+    """(train subset, test set held in memory) for one category."""
+    train = MVTecDataset(root, "train", categories=[category])
+    train = torch.utils.data.Subset(train, evenly_spaced(len(train), max_train))
+    test = MVTecDataset(root, "test", categories=[category])
+    samples = [test[i] for i in capped_test_indices(test.labels, max_test)]
+    return train, TestSet([s.image for s in samples], [s.mask.numpy() for s in samples], [s.label for s in samples])
+
+
+# --------------------------------------------------------------------------------------------------
+# runs
+
+
+def method_kwargs(method: str, args: argparse.Namespace) -> dict:
+    if method == "patchcore":
+        return {"coreset_ratio": args.coreset_ratio}
+    return {"d": args.padim_d}
+
+
+def run_one(tower, method: str, seed: int, train, test: TestSet, args: argparse.Namespace) -> dict:
+    model = SCORERS[method](
+        tower, image_size=args.image_size, seed=seed, device=args.device, batch_size=args.batch_size,
+        **method_kwargs(method, args),
+    )
+    start = time.perf_counter()
+    model.fit(train)
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    results = model.predict(test.images)
+    predict_ms = 1000 * (time.perf_counter() - start) / len(test.images)
+    metrics = evaluate(results, test.masks, test.labels)
+    return {
+        **{k: metrics[k] for k in (*METRICS, "f1_max")},
+        "fit_s": fit_s,
+        "predict_ms_per_image": predict_ms,
+        "layers": model.layers,
+        "num_train": len(train),
+        "num_test": len(test.images),
+    }
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    root = Path(args.data)
+    categories = args.categories or [folder.name for folder in find_mvtec_categories(root)]
+    # A category folder given directly is its own root's only category.
+    data_root = root.parent if find_mvtec_categories(root) == [root] else root
+    runs = []
+    for category in categories:
+        train, test = load_category(data_root, category, args.max_train, args.max_test)
+        for spec in args.towers:
+            tower = build_vision_tower(spec)
+            for method in args.methods:
+                for seed in args.seeds:
+                    row = {"tower": spec, "method": method, "category": category, "seed": seed}
+                    row.update(run_one(tower, method, seed, train, test, args))
+                    print(json.dumps(row), flush=True)
+                    runs.append(row)
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# summary
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return float(statistics.fmean(values)), float(statistics.pstdev(values)) if len(values) > 1 else 0.0
+
+
+def summarise(runs: list[dict]) -> dict:
+    """{method: {tower: {category | 'mean': {metric: [mean, std]}}}}; 'mean' averages categories per seed."""
+    summary: dict = {}
+    keys = (*METRICS, "fit_s", "predict_ms_per_image")
+    for method in dict.fromkeys(r["method"] for r in runs):
+        for tower in dict.fromkeys(r["tower"] for r in runs):
+            rows = [r for r in runs if r["method"] == method and r["tower"] == tower]
+            if not rows:
+                continue
+            cells = {}
+            for category in dict.fromkeys(r["category"] for r in rows):
+                mine = [r for r in rows if r["category"] == category]
+                cells[category] = {k: mean_std([r[k] for r in mine]) for k in keys}
+            seeds = sorted({r["seed"] for r in rows})
+            per_seed = {k: [statistics.fmean(r[k] for r in rows if r["seed"] == s) for s in seeds] for k in keys}
+            cells["mean"] = {k: mean_std(v) for k, v in per_seed.items()}
+            summary.setdefault(method, {})[tower] = cells
+    return summary
+
+
+def percent(cell: Sequence[float], with_std: bool) -> str:
+    mean, std = cell
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if with_std else f"{100 * mean:.2f}"
+
+
+def markdown_tables(summary: dict, seeds: Sequence[int]) -> str:
+    lines = []
+    with_std = len(seeds) > 1
+    for method, towers in summary.items():
+        categories = [c for c in next(iter(towers.values())) if c != "mean"]
+        for metric in METRICS:
+            lines += [f"### {method}: {METRIC_TITLES[metric]}", ""]
+            lines.append("| backbone | " + " | ".join(categories + ["mean"]) + " |")
+            lines.append("|---" * (len(categories) + 2) + "|")
+            for tower, cells in towers.items():
+                values = [percent(cells[c][metric], with_std) for c in categories + ["mean"]]
+                lines.append(f"| `{tower}` | " + " | ".join(values) + " |")
+            lines.append("")
+        lines += [f"### {method}: time", "", "| backbone | fit (s, mean over categories) | predict (ms / image) |", "|---|---|---|"]
+        for tower, cells in towers.items():
+            fit, predict = cells["mean"]["fit_s"][0], cells["mean"]["predict_ms_per_image"][0]
+            lines.append(f"| `{tower}` | {fit:.1f} | {predict:.0f} |")
+        lines.append("")
+    if with_std:
+        lines.append(f"Mean ± standard deviation over seeds {list(seeds)}.")
+    return "\n".join(lines) + "\n"
+
+
+def machine_description() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return f"{platform.node()}: {device}, torch {torch.__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    runs = run_all(args)
+    summary = summarise(runs)
+    report = {"args": vars(args), "machine": machine_description(), "runs": runs, "summary": summary}
+    out = Path(args.out)
+    write_json_atomic(out.with_suffix(".json"), report)
+    tables = markdown_tables(summary, args.seeds)
+    out.with_suffix(".md").write_text(f"<!-- generated by benchmarks/eval_backbones.py -->\n\n{tables}")
+    print(tables)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

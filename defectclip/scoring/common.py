@@ -1,0 +1,603 @@
+"""What PatchCore and PaDiM share: image input, patch features, anomaly maps, thresholds, save/load.
+
+Both scorers turn a vision tower's mid-level feature maps into one feature vector per patch, fit a
+model of normal patches, and score each test patch by how far it lies from that model. Everything
+around the model itself lives here:
+
+- input: image files, [0, 1] tensors, uint8 arrays, PIL images, or a dataset (`open_dataset`), read
+  lazily batch by batch so a thousand-image training set never sits in memory as pixels;
+- features: the requested stages, optionally 3 x 3 averaged, the coarser maps upsampled to the finest
+  one and concatenated;
+- maps: patch scores -> model-input size -> Gaussian smoothing -> each image's own size;
+- thresholds: F1-optimal on labelled validation images, else a quantile of normal scores;
+- artifacts: `config.json` + `model.safetensors`, written atomically, read back strictly.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..data import Preprocess, array_to_tensor, load_image, normalize, pil_to_rgb_array, resize
+from ..io import atomic_dir, read_json, write_json_atomic
+from ..metrics import f1_max
+from ..results import AnomalyResult
+from ..towers import TowerError, VisionTower, build_vision_tower, split_spec
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+DEFAULT_SIGMA = 4.0
+DEFAULT_QUANTILE = 0.99
+
+
+class ScoringError(ValueError):
+    """A scorer used the wrong way or fed unusable input: the message says what to do instead."""
+
+
+# --------------------------------------------------------------------------------------------------
+# devices and layers
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (or None) picks the GPU when one is present, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_layers(tower: VisionTower, reductions: Sequence[int]) -> list[str]:
+    """The tower's stages at the given strides (the deepest stage of each stride).
+
+    Mid-level stages (stride 8 and 16) are local enough to localise small defects and generic
+    enough that ImageNet features transfer to industrial images (PatchCore, PaDiM). Towers without a
+    pyramid (ViTs: every block has the patch stride) get as many consecutive middle blocks instead.
+    """
+    by_reduction: dict[int, str] = {}
+    for stage in tower.stages.values():
+        by_reduction[stage.reduction] = stage.name
+    if all(r in by_reduction for r in reductions):
+        return [by_reduction[r] for r in reductions]
+    names = tower.stage_names
+    count = min(len(reductions), len(names))
+    start = max(0, (len(names) - count) // 2)
+    return names[start : start + count]
+
+
+def check_layers(tower: VisionTower, layers: Sequence[str]) -> list[str]:
+    layers = list(layers)
+    if not layers:
+        raise ScoringError("layers is empty; name at least one stage of the tower.")
+    unknown = [name for name in layers if name not in tower.stages]
+    if unknown:
+        raise ScoringError(f"Unknown layers {unknown} for tower {tower.spec}; it has {tower.stage_names}.")
+    if len(set(layers)) != len(layers):
+        raise ScoringError(f"layers {layers} names a stage twice.")
+    return layers
+
+
+def coarsest_stride(tower: VisionTower, layers: Sequence[str]) -> int:
+    return max(tower.stages[name].reduction for name in layers)
+
+
+def portable_spec(spec: str) -> str:
+    """A `local-dir:` spec with an absolute path, so a saved model loads from any working folder."""
+    kind, name = split_spec(spec)
+    if kind == "local-dir":
+        return f"local-dir:{Path(name).expanduser().resolve()}"
+    return spec
+
+
+def resolve_saved_spec(spec: str, folder: str | Path) -> str:
+    """A saved `local-dir:<relative path>` tower is relative to the model folder itself.
+
+    That is how an exported model carries its own backbone (`local-dir:tower`) and still loads from
+    any place it is copied or downloaded to.
+    """
+    kind, name = split_spec(spec)
+    if kind == "local-dir" and not Path(name).expanduser().is_absolute():
+        return f"local-dir:{(Path(folder) / name).resolve()}"
+    return spec
+
+
+def build_tower(tower: str | VisionTower) -> VisionTower:
+    if isinstance(tower, VisionTower):
+        return tower
+    if isinstance(tower, str):
+        return build_vision_tower(portable_spec(tower))
+    raise ScoringError(f"tower must be a spec string or a VisionTower, got {type(tower).__name__}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# image input
+
+
+def as_image_tensor(item: Any) -> torch.Tensor:
+    """One image in any accepted form -> 3 x H x W float32 in [0, 1].
+
+    Accepted: a path (read with `load_image`, so a corrupt file raises a DataError naming it), a
+    3 x H x W tensor (float in [0, 1] or uint8), an H x W x 3 uint8 array, a PIL image, or a dataset
+    sample (anything with an `.image` tensor).
+    """
+    if isinstance(item, (str, Path)):
+        return load_image(item)
+    if isinstance(item, Image.Image):
+        return array_to_tensor(pil_to_rgb_array(item))
+    if hasattr(item, "image") and isinstance(getattr(item, "image"), torch.Tensor):
+        return as_image_tensor(item.image)
+    if isinstance(item, np.ndarray):
+        return _array_image(item)
+    if isinstance(item, torch.Tensor):
+        return _tensor_image(item)
+    raise ScoringError(
+        f"Cannot use a {type(item).__name__} as an image; pass file paths, 3 x H x W tensors, "
+        "H x W x 3 uint8 arrays, PIL images or a dataset."
+    )
+
+
+def _array_image(array: np.ndarray) -> torch.Tensor:
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ScoringError(
+            f"Expected an H x W x 3 RGB array, got shape {tuple(array.shape)}. A grayscale or RGBA "
+            "image must be converted first: defectclip.data.load_image(path) reads any file as RGB."
+        )
+    if array.dtype != np.uint8:
+        raise ScoringError(f"Expected a uint8 H x W x 3 array (0-255), got {array.dtype}; pass floats as a 3 x H x W tensor.")
+    return array_to_tensor(array)
+
+
+def _tensor_image(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dim() != 3 or tensor.shape[0] != 3:
+        channels = tensor.shape[0] if tensor.dim() == 3 else "no channel axis"
+        raise ScoringError(
+            f"Expected an RGB image tensor shaped 3 x H x W, got {tuple(tensor.shape)} ({channels} channels). "
+            "Grayscale images need 3 channels: defectclip.data.load_image(path) converts any file to RGB, "
+            "or repeat the channel with image.expand(3, -1, -1)."
+        )
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div_(255.0)
+    if not tensor.is_floating_point():
+        raise ScoringError(f"Expected a float (0-1) or uint8 image tensor, got {tensor.dtype}.")
+    return tensor.detach().float().cpu()
+
+
+def is_dataset(source: Any) -> bool:
+    """Dataset readers (MVTecDataset, IndexMaskDataset, any torch Dataset of samples)."""
+    return isinstance(source, torch.utils.data.Dataset) and hasattr(source, "__len__")
+
+
+def as_image_source(source: Any) -> Sequence[Any] | torch.utils.data.Dataset:
+    """A dataset, a sequence of images, or one image / one N x 3 x H x W batch -> something indexable."""
+    if is_dataset(source):
+        return source
+    if isinstance(source, torch.Tensor) and source.dim() == 4:
+        return list(source)
+    if isinstance(source, (str, Path, Image.Image, np.ndarray, torch.Tensor)):
+        return [source]
+    if isinstance(source, Iterable):
+        return list(source)
+    raise ScoringError(f"Expected images or a dataset, got {type(source).__name__}.")
+
+
+def dataset_labels(source: Any) -> list[int] | None:
+    labels = getattr(source, "labels", None)
+    return list(labels) if is_dataset(source) and labels is not None else None
+
+
+def normal_subset(source: Any) -> Sequence[Any]:
+    """The images a model may learn from: for a labelled dataset only its normal samples."""
+    images = as_image_source(source)
+    labels = dataset_labels(images)
+    if labels is not None:
+        images = torch.utils.data.Subset(images, [i for i, label in enumerate(labels) if label == 0])
+    if len(images) == 0:
+        raise ScoringError("The normal (training) set is empty: fit needs at least one defect-free image.")
+    return images
+
+
+def iter_image_batches(images: Sequence[Any], batch_size: int) -> Iterator[list[torch.Tensor]]:
+    """Read images lazily, `batch_size` at a time, each as 3 x H x W in [0, 1] at its own size."""
+    for start in range(0, len(images), batch_size):
+        yield [as_image_tensor(images[i]) for i in range(start, min(start + batch_size, len(images)))]
+
+
+# --------------------------------------------------------------------------------------------------
+# patch features
+
+
+class PatchFeatures:
+    """Tower stages -> one feature vector per patch, shaped N x C x h x w at the finest stage's grid."""
+
+    def __init__(self, tower: VisionTower, layers: Sequence[str], preprocess: Preprocess, local_average: bool):
+        self.tower = tower
+        self.layers = list(layers)
+        self.preprocess = preprocess
+        self.local_average = local_average
+        self.min_size = coarsest_stride(tower, layers)
+        check_model_size(preprocess.size, self.min_size, tower.spec)
+
+    def model_input(self, images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Resize and normalise a list of differently sized images into one batch."""
+        for image in images:
+            check_image_size(image, self.min_size, self.tower.spec)
+        size, interpolation = self.preprocess.size, self.preprocess.interpolation
+        # Each image is resized on its own (sizes differ); the batch is normalised with one op rather
+        # than a few per image, which mattered on a busy CPU where every op waits for both threads.
+        batch = torch.stack([resize(image, size, interpolation) for image in images]).to(device)
+        return normalize(batch, self.preprocess)
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        maps = self.tower.forward_features(batch, self.layers)
+        if self.local_average:
+            # PatchCore's locally aware patch features: each patch also sees its 3 x 3 neighbourhood,
+            # which adds context without the resolution loss of a deeper stage.
+            maps = {name: F.avg_pool2d(m, 3, stride=1, padding=1) for name, m in maps.items()}
+        finest = max(maps.values(), key=lambda m: m.shape[-2] * m.shape[-1]).shape[-2:]
+        aligned = [
+            m if m.shape[-2:] == finest else F.interpolate(m, size=finest, mode="bilinear", align_corners=False)
+            for m in maps.values()
+        ]
+        return torch.cat(aligned, dim=1).float()
+
+
+def check_model_size(size: Sequence[int], min_size: int, spec: str) -> None:
+    if min(size) < min_size:
+        raise ScoringError(
+            f"image_size {tuple(size)} is too small for {spec}: its coarsest requested stage has stride "
+            f"{min_size}, so the model input must be at least {min_size} x {min_size} pixels."
+        )
+
+
+def check_image_size(image: torch.Tensor, min_size: int, spec: str) -> None:
+    """Reject images smaller than one patch of the coarsest stage: upscaling them invents the detail
+    the features would describe, so any score would be meaningless."""
+    height, width = image.shape[-2:]
+    if min(height, width) < min_size:
+        raise ScoringError(
+            f"Image of {width} x {height} pixels is too small for {spec}: the coarsest feature stage has "
+            f"stride {min_size}, so images must be at least {min_size} x {min_size} pixels."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# anomaly maps
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """1-D Gaussian truncated at 4 sigma, summing to 1."""
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of N x H x W maps with mirrored borders."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel(sigma).to(maps.device, maps.dtype)
+    radius = kernel.numel() // 2
+    x = maps[:, None]
+    # Reflection needs the map to be wider than the kernel's radius; tiny maps repeat their edge.
+    mode = "reflect" if min(maps.shape[-2:]) > radius else "replicate"
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def patch_scores_to_maps(
+    patch_scores: torch.Tensor, model_size: Sequence[int], image_sizes: Sequence[Sequence[int]], sigma: float
+) -> list[np.ndarray]:
+    """N x h x w patch scores -> one H x W float32 map per image, at that image's own size.
+
+    Smoothing happens at the model-input size, where sigma = 4 px is the papers' setting: the result
+    then does not depend on the camera's resolution, and every image costs the same.
+    """
+    maps = F.interpolate(patch_scores[:, None], size=tuple(model_size), mode="bilinear", align_corners=False)[:, 0]
+    maps = gaussian_blur(maps, sigma)
+    out = []
+    for smoothed, size in zip(maps, image_sizes):
+        if tuple(size) != tuple(model_size):
+            smoothed = F.interpolate(smoothed[None, None], size=tuple(size), mode="bilinear", align_corners=False)[0, 0]
+        out.append(smoothed.float().cpu().numpy())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# thresholds
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float
+    method: str  # "f1" or "quantile:<q>"
+
+
+def calibrate_threshold(scores: Sequence[float], labels: Sequence[int] | None, quantile: float) -> Calibration:
+    """F1-optimal threshold when labels hold both classes, else the `quantile` of the normal scores.
+
+    With only normal images the F1-optimal threshold is undefined; a high quantile of their scores
+    then bounds the false-alarm rate on normal parts at about 1 - quantile.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if not 0 < quantile <= 1:
+        raise ScoringError(f"quantile must be in (0, 1], got {quantile}.")
+    if labels is None:
+        labels = np.zeros(len(scores), dtype=int)
+    labels = np.asarray(labels).astype(int)
+    if labels.shape != scores.shape:
+        raise ScoringError(f"Got {len(scores)} images but {len(labels)} labels.")
+    if scores.size == 0:
+        raise ScoringError("calibrate needs at least one image.")
+    if labels.min() == 0 and labels.max() == 1:
+        _, threshold = f1_max(labels, scores)
+        return Calibration(_midway_below(scores, float(threshold)), "f1")
+    if labels.min() == 1:
+        raise ScoringError("calibrate got only anomalous images; it needs normal images (label 0) as well.")
+    return Calibration(float(np.quantile(scores[labels == 0], quantile)), f"quantile:{quantile:g}")
+
+
+def _midway_below(scores: np.ndarray, threshold: float) -> float:
+    """Move an F1-optimal threshold halfway down to the next lower score.
+
+    f1_max returns a score itself, so the weakest defect it accepts sits exactly on the threshold and
+    its map barely crosses it; halfway to the next score classifies the calibration set identically
+    while leaving a margin, and gives defect regions a sensible extent in the map.
+    """
+    below = scores[scores < threshold]
+    return float((below.max() + threshold) / 2) if below.size else threshold
+
+
+# --------------------------------------------------------------------------------------------------
+# artifact folders
+
+
+def write_model_folder(folder: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """config.json + model.safetensors, built in a temporary folder and renamed into place."""
+    folder = Path(folder)
+    if folder.exists() and not _is_replaceable(folder):
+        raise ScoringError(
+            f"{folder} exists and holds other files than a saved model; choose an empty or new folder."
+        )
+    with atomic_dir(folder) as staging:
+        write_json_atomic(staging / CONFIG_NAME, config)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME))
+    return folder
+
+
+def _is_replaceable(folder: Path) -> bool:
+    """Only an empty folder or an earlier save is overwritten, never a folder of unrelated files."""
+    if not folder.is_dir():
+        return False
+    return {p.name for p in folder.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+
+
+def read_model_folder(
+    folder: str | Path, model_type: str, config_keys: set[str], tensor_keys: set[str]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a saved scorer, refusing missing or unexpected keys in either file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ScoringError(f"Model folder {folder} does not exist.")
+    config = read_json(folder / CONFIG_NAME)
+    if config.get("model_type") != model_type:
+        raise ScoringError(f"{folder} holds a {config.get('model_type')!r} model, not {model_type!r}.")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ScoringError(f"{folder} has format_version {config.get('format_version')}; this code reads {FORMAT_VERSION}.")
+    _require_same_keys(set(config), config_keys, folder / CONFIG_NAME)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ScoringError(f"{weights} not found: the model folder is incomplete.")
+    with safe_open(str(weights), framework="pt") as handle:
+        _require_same_keys(set(handle.keys()), tensor_keys, weights)
+        tensors = {key: handle.get_tensor(key) for key in tensor_keys}
+    return config, tensors
+
+
+def _require_same_keys(found: set[str], expected: set[str], path: Path) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ScoringError(f"{path}: missing keys {missing}, unexpected keys {unexpected}.")
+
+
+def json_threshold(threshold: float | None) -> float | None:
+    """JSON has no infinity; an uncalibrated model stores null."""
+    return None if threshold is None or not math.isfinite(threshold) else float(threshold)
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared scorer
+
+
+class FeatureScorer(abc.ABC):
+    """Base of PatchCore and PaDiM: input handling, batching, maps, calibration, save/load.
+
+    Subclasses set `model_type`, `default_reductions`, `local_average`, and implement `_fit_batches`,
+    `_score_patches`, `_state_tensors`, `_set_state`, `_method_config` and `_from_config`.
+    """
+
+    model_type: ClassVar[str]
+    default_reductions: ClassVar[tuple[int, ...]]
+    local_average: ClassVar[bool]
+    method_config_keys: ClassVar[set[str]]
+    state_keys: ClassVar[set[str]]
+
+    def __init__(
+        self,
+        tower: str | VisionTower,
+        layers: Sequence[str] | None,
+        image_size: int | Sequence[int] | None,
+        sigma: float,
+        seed: int,
+        device: str | torch.device | None,
+        batch_size: int,
+    ):
+        if batch_size < 1:
+            raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
+        self.device = resolve_device(device)
+        self.tower = build_tower(tower).to(self.device).eval()
+        self.layers = check_layers(self.tower, layers or default_layers(self.tower, self.default_reductions))
+        preprocess = self.tower.preprocess
+        self.preprocess = preprocess.with_size(image_size) if image_size is not None else preprocess
+        self.features = PatchFeatures(self.tower, self.layers, self.preprocess, self.local_average)
+        self.sigma = float(sigma)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.threshold: float | None = None
+        self.calibration: str | None = None
+        self.num_train_images = 0
+
+    # ---- fitting and scoring
+
+    @property
+    @abc.abstractmethod
+    def is_fitted(self) -> bool:
+        """Whether fit() has run (each method knows what its fitted state is)."""
+
+    def fit(self, images: Any) -> "FeatureScorer":
+        """Learn what normal patches look like from defect-free images (or a dataset's normal ones)."""
+        normal = normal_subset(images)
+        self._fit_batches(self._feature_batches(normal))
+        self.num_train_images = len(normal)
+        self.threshold, self.calibration = None, None  # a threshold of the previous model means nothing now
+        return self
+
+    def _feature_batches(self, images: Sequence[Any]) -> Iterator[torch.Tensor]:
+        for batch in iter_image_batches(images, self.batch_size):
+            yield self.features(self.features.model_input(batch, self.device))
+
+    @torch.no_grad()
+    def predict(self, images: Any) -> list[AnomalyResult]:
+        """One AnomalyResult per image; maps have each input image's size."""
+        self._require_fitted()
+        threshold = math.inf if self.threshold is None else self.threshold
+        results = []
+        for batch in iter_image_batches(as_image_source(images), self.batch_size):
+            maps, scores = self._score_batch(batch)
+            results.extend(AnomalyResult.from_map(m, s, threshold) for m, s in zip(maps, scores))
+        return results
+
+    def _score_batch(self, batch: list[torch.Tensor]) -> tuple[list[np.ndarray], list[float]]:
+        embedding = self.features(self.features.model_input(batch, self.device))
+        patch_scores, image_scores = self._score_patches(embedding)
+        sizes = [tuple(image.shape[-2:]) for image in batch]
+        maps = patch_scores_to_maps(patch_scores, self.preprocess.size, sizes, self.sigma)
+        if image_scores is None:
+            # The image score is the map's maximum, so "score >= threshold" and "the mask is not
+            # empty" always agree.
+            return maps, [float(m.max()) for m in maps]
+        return maps, [float(s) for s in image_scores.cpu()]
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise ScoringError(f"This {type(self).__name__} is not fitted yet; call fit(normal_images) first.")
+
+    def calibrate(self, images: Any, labels: Sequence[int] | None = None, quantile: float = DEFAULT_QUANTILE) -> float:
+        """Set the decision threshold from validation images and return it.
+
+        With labels (1 = anomalous; a dataset brings its own) holding both classes, the threshold is
+        the F1-optimal image score; otherwise it is the `quantile` of the normal images' scores.
+        """
+        source = as_image_source(images)
+        if labels is None:
+            labels = dataset_labels(source)
+        scores = [result.score for result in self.predict(source)]
+        calibration = calibrate_threshold(scores, labels, quantile)
+        self.threshold, self.calibration = calibration.threshold, calibration.method
+        return self.threshold
+
+    # ---- saving and loading
+
+    def save(self, folder: str | Path) -> Path:
+        """Write config.json + model.safetensors to `folder` (atomically; never pickle)."""
+        self._require_fitted()
+        return write_model_folder(folder, self._config(), self._state_tensors())
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "format_version": FORMAT_VERSION,
+            "tower": portable_spec(self.tower.spec),
+            "layers": self.layers,
+            "preprocess": self.preprocess.to_dict(),
+            "sigma": self.sigma,
+            "seed": self.seed,
+            "threshold": json_threshold(self.threshold),
+            "calibration": self.calibration,
+            "num_train_images": self.num_train_images,
+            **self._method_config(),
+        }
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, device: str | torch.device | None = "auto", tower: VisionTower | None = None
+    ) -> "FeatureScorer":
+        """Read a saved model; the tower is rebuilt from its spec unless a built one is passed."""
+        config_keys = BASE_CONFIG_KEYS | cls.method_config_keys
+        config, tensors = read_model_folder(folder, cls.model_type, config_keys, cls.state_keys)
+        spec = resolve_saved_spec(config["tower"], folder)
+        if tower is not None and portable_spec(tower.spec) != spec:
+            raise ScoringError(f"The model in {folder} was fitted with tower {spec!r}, not {tower.spec!r}.")
+        try:
+            built = tower if tower is not None else build_vision_tower(spec)
+        except TowerError as err:
+            raise ScoringError(f"Cannot rebuild the tower of {folder}: {err}") from err
+        preprocess = Preprocess.from_dict(config["preprocess"])
+        scorer = cls._from_config(config, built, preprocess, device)
+        scorer.preprocess = preprocess
+        scorer.features = PatchFeatures(scorer.tower, scorer.layers, preprocess, cls.local_average)
+        scorer._set_state(tensors, config)
+        scorer.threshold = config["threshold"]
+        scorer.calibration = config["calibration"]
+        scorer.num_train_images = config["num_train_images"]
+        return scorer
+
+    # ---- what each method provides
+
+    @abc.abstractmethod
+    def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
+        """Consume normal-image feature batches into the method's state."""
+
+    @abc.abstractmethod
+    def _score_patches(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """N x C x h x w features -> (N x h x w patch scores, N image scores or None = map maximum)."""
+
+    @abc.abstractmethod
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors saved in model.safetensors."""
+
+    @abc.abstractmethod
+    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Restore the state from saved tensors."""
+
+    @abc.abstractmethod
+    def _method_config(self) -> dict[str, Any]:
+        """The method's own config.json entries."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _from_config(cls, config: dict[str, Any], tower: VisionTower, preprocess: Preprocess, device) -> "FeatureScorer":
+        """Construct the method's scorer from a saved config, before its state is set."""
+
+
+BASE_CONFIG_KEYS = {
+    "model_type", "format_version", "tower", "layers", "preprocess", "sigma", "seed", "threshold",
+    "calibration", "num_train_images",
+}
+
+
+def load_config(folder: str | Path) -> dict[str, Any]:
+    """The config.json of a saved scorer (to find out which class loads it)."""
+    return json.loads((Path(folder) / CONFIG_NAME).read_text())

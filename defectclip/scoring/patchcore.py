@@ -1,0 +1,302 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+fit: locally averaged mid-level patch features of every normal image -> a memory bank, thinned to
+`coreset_ratio` of its size by greedy k-center selection on a random projection.
+predict: each test patch's distance to its nearest bank entry -> patch map -> upsampled, smoothed
+(sigma = 4 px) -> image score = the map's maximum, or the paper's reweighted score (`reweight=True`).
+
+The two costly steps are written for a CPU as much as for a GPU:
+- the k-center selection costs one matrix-vector product per selected point (squared norms computed
+  once, a running minimum kept in place), on a 128-dimensional projection;
+- the nearest-neighbour search runs in blocks of queries x bank entries small enough to stay in the
+  cache, with the bank's squared norms folded into one matrix product per block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..data import Preprocess
+from ..towers import OFFLINE_VISION, VisionTower
+from .common import DEFAULT_SIGMA, FeatureScorer, ScoringError
+
+DEFAULT_CORESET_RATIO = 0.1
+DEFAULT_PROJECTION_DIM = 128
+DEFAULT_NUM_NEIGHBORS = 9
+# One block of the nearest-neighbour search holds query_chunk x bank_chunk scores: 4M floats (16 MB)
+# keeps it near the cache while keeping the number of ops per image small (each op has a fixed cost,
+# large on a busy CPU where every multi-threaded op waits for its slowest thread).
+BLOCK_ELEMENTS = 1 << 22
+BANK_CHUNK = 4096
+
+
+# --------------------------------------------------------------------------------------------------
+# coreset selection
+
+
+@dataclass
+class Coreset:
+    """Indices of the selected points, in selection order, and the covering radius they reach:
+    every point lies within `radius` of a selected one (in the space the selection ran in)."""
+
+    indices: torch.Tensor
+    radius: float
+
+
+def coreset_size(num_points: int, ratio: float) -> int:
+    if not 0 < ratio <= 1:
+        raise ScoringError(f"coreset_ratio must be in (0, 1], got {ratio}.")
+    return max(1, min(num_points, int(num_points * ratio)))
+
+
+def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Gaussian Johnson-Lindenstrauss projection to `dim` dimensions (unchanged if already that small).
+
+    Distances between patches are kept up to a small distortion, which is all the k-center selection
+    needs, while each of its steps reads fewer numbers.
+    """
+    if dim <= 0 or features.shape[1] <= dim:
+        return features
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(features.shape[1], dim, generator=generator) / math.sqrt(dim)
+    return features @ matrix.to(features.device, features.dtype)
+
+
+def greedy_k_center(points: torch.Tensor, count: int, start: int = 0) -> Coreset:
+    """Gonzalez' greedy k-center: repeatedly add the point farthest from all centers chosen so far.
+
+    Each step costs one matrix-vector product over the points plus one in-place minimum: with the
+    points stored as [x, 1] and the center as [-2c, |c|^2], `addmv(|x|^2, [x, 1], [-2c, |c|^2])` is
+    |x - c|^2 for every point at once. The product reads the N x d points once per step, which is
+    what bounds the time on a CPU (an elementwise |x - c| reads and writes them three times, and
+    every extra pass over N numbers is one more multi-threaded op to synchronise). A per-point
+    triangle-inequality pruning was measured and lost: on real patch features most points stay
+    candidates for most steps, and gathering them costs more than the product.
+    """
+    num_points, dim = points.shape
+    if not 1 <= count <= num_points:
+        raise ScoringError(f"Cannot select {count} centers from {num_points} points.")
+    augmented = torch.cat([points, torch.ones(num_points, 1, device=points.device, dtype=points.dtype)], dim=1)
+    squared_norms = points.pow(2).sum(1)
+    center = torch.empty(dim + 1, device=points.device, dtype=points.dtype)
+    min_sq, scratch = torch.empty_like(squared_norms), torch.empty_like(squared_norms)
+    selected = torch.empty(count, dtype=torch.long, device=points.device)
+    new = torch.tensor(start, device=points.device)
+    for step in range(count):
+        selected[step] = new
+        torch.mul(points[new], -2.0, out=center[:dim])
+        center[dim] = squared_norms[new]
+        if step == 0:
+            torch.addmv(squared_norms, augmented, center, out=min_sq)
+        else:
+            torch.minimum(min_sq, torch.addmv(squared_norms, augmented, center, out=scratch), out=min_sq)
+        min_sq[new] = 0.0  # rounding could leave a tiny positive value and pick the point again
+        new = torch.argmax(min_sq)
+    return Coreset(selected, float(min_sq.max().clamp_min(0).sqrt()))
+
+
+def select_coreset(
+    features: torch.Tensor, ratio: float, projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0
+) -> Coreset:
+    """Pick `ratio` of the patch features by greedy k-center on a seeded random projection."""
+    count = coreset_size(features.shape[0], ratio)
+    if count == features.shape[0]:
+        return Coreset(torch.arange(count, device=features.device), 0.0)
+    projected = random_projection(features, projection_dim, seed)
+    start = int(torch.randint(features.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
+    return greedy_k_center(projected.contiguous(), count, start)
+
+
+# --------------------------------------------------------------------------------------------------
+# nearest-neighbour search
+
+
+def nearest_neighbours(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    bank_chunk: int = BANK_CHUNK,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distances and indices of each query's `k` nearest bank rows, nearest first.
+
+    Memory is bounded by one block of `block_elements` scores (bank_chunk bank rows x as many queries
+    as fill the block) whatever the sizes. Within a block the ranking uses |b|^2 - 2 q.b (|q|^2 is the same for every b of a query), which one matrix product
+    computes; the reported distances are then recomputed exactly from the chosen rows, so the
+    expanded form's rounding error never reaches the scores.
+    """
+    if bank.shape[0] == 0:
+        raise ScoringError("The memory bank is empty.")
+    k = min(k, bank.shape[0])
+    bank_chunk = min(bank_chunk, bank.shape[0])
+    query_chunk = max(1, block_elements // bank_chunk)
+    bank_sq = bank.pow(2).sum(1)
+    indices = torch.cat([
+        _nearest_in_chunks(queries[start : start + query_chunk], bank, bank_sq, k, bank_chunk)
+        for start in range(0, queries.shape[0], query_chunk)
+    ]) if queries.shape[0] else torch.empty(0, k, dtype=torch.long, device=queries.device)
+    distances = torch.linalg.vector_norm(queries[:, None, :] - bank[indices], dim=2)
+    if k == 1:
+        return distances, indices
+    # Re-sort by the exact distances (the expanded form may swap near-ties).
+    distances, order = distances.sort(dim=1)
+    return distances, indices.gather(1, order)
+
+
+def _nearest_in_chunks(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, k: int, bank_chunk: int
+) -> torch.Tensor:
+    best_val = torch.full((queries.shape[0], 0), math.inf, device=queries.device, dtype=queries.dtype)
+    best_idx = torch.empty((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+    for start in range(0, bank.shape[0], bank_chunk):
+        block = bank[start : start + bank_chunk]
+        scores = torch.addmm(bank_sq[start : start + bank_chunk], queries, block.T, beta=1.0, alpha=-2.0)
+        if k == 1:
+            val, idx = scores.min(dim=1, keepdim=True)
+        else:
+            val, idx = scores.topk(min(k, block.shape[0]), dim=1, largest=False)
+        best_val, best_idx = _merge_best(best_val, best_idx, val, idx + start, k)
+    return best_idx
+
+
+def _merge_best(best_val, best_idx, val, idx, k):
+    if best_val.shape[1] == 0:
+        return val, idx
+    if k == 1:
+        better = val < best_val
+        return torch.where(better, val, best_val), torch.where(better, idx, best_idx)
+    values = torch.cat([best_val, val], dim=1)
+    order = values.topk(k, dim=1, largest=False).indices
+    return values.gather(1, order), torch.cat([best_idx, idx], dim=1).gather(1, order)
+
+
+def reweighted_image_scores(
+    patches: torch.Tensor, distances: torch.Tensor, neighbours: torch.Tensor, bank: torch.Tensor, num_neighbors: int
+) -> torch.Tensor:
+    """The PatchCore paper's image score (eq. 7): the largest patch distance s*, scaled down when the
+    bank entry m* it matched sits in a dense part of the bank (an ordinary patch), i.e.
+    s = (1 - exp|m_test - m*| / sum over the b neighbours m of m* of exp|m_test - m|) * s*.
+
+    patches: N x P x C, distances / neighbours: N x P (nearest bank row of every patch).
+    """
+    rows = torch.arange(patches.shape[0], device=patches.device)
+    worst = distances.argmax(dim=1)
+    worst_patch = patches[rows, worst]
+    matched = bank[neighbours[rows, worst]]
+    _, support = nearest_neighbours(matched, bank, k=num_neighbors)  # support[:, 0] is m* itself
+    support_dist = torch.linalg.vector_norm(worst_patch[:, None, :] - bank[support], dim=2)
+    weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
+    return weight * distances[rows, worst]
+
+
+# --------------------------------------------------------------------------------------------------
+# the scorer
+
+
+class PatchCore(FeatureScorer):
+    """PatchCore anomaly scorer.
+
+    >>> model = PatchCore("offline:efficientnet_lite0", image_size=256).fit(normal_images)
+    >>> model.calibrate(val_images, val_labels)
+    >>> results = model.predict(test_images)          # list of AnomalyResult
+    >>> model.save("runs/patchcore-tile"); PatchCore.load("runs/patchcore-tile")
+    """
+
+    model_type = "patchcore"
+    default_reductions = (8, 16)
+    local_average = True
+    method_config_keys = {"coreset_ratio", "projection_dim", "reweight", "num_neighbors", "bank_size", "feature_dim", "coreset_radius"}
+    state_keys = {"memory_bank"}
+
+    def __init__(
+        self,
+        tower: str | VisionTower = OFFLINE_VISION,
+        layers: Sequence[str] | None = None,
+        image_size: int | Sequence[int] | None = None,
+        coreset_ratio: float = DEFAULT_CORESET_RATIO,
+        projection_dim: int = DEFAULT_PROJECTION_DIM,
+        sigma: float = DEFAULT_SIGMA,
+        reweight: bool = False,
+        num_neighbors: int = DEFAULT_NUM_NEIGHBORS,
+        seed: int = 0,
+        device: str | torch.device | None = "auto",
+        batch_size: int = 16,
+    ):
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size)
+        coreset_size(1, coreset_ratio)  # validates the ratio now rather than after feature extraction
+        if num_neighbors < 1:
+            raise ScoringError(f"num_neighbors must be at least 1, got {num_neighbors}.")
+        self.coreset_ratio = float(coreset_ratio)
+        self.projection_dim = int(projection_dim)
+        self.reweight = bool(reweight)
+        self.num_neighbors = int(num_neighbors)
+        self.memory_bank: torch.Tensor | None = None
+        self.coreset_radius: float | None = None
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.memory_bank is not None
+
+    def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
+        patches = torch.cat([flatten_patches(embedding) for embedding in batches])
+        coreset = select_coreset(patches, self.coreset_ratio, self.projection_dim, self.seed)
+        self.memory_bank = patches[coreset.indices].contiguous()
+        self.coreset_radius = coreset.radius
+
+    def _score_patches(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, _, height, width = embedding.shape
+        patches = flatten_patches(embedding)
+        distances, neighbours = nearest_neighbours(patches, self.memory_bank)
+        distances, neighbours = distances[:, 0].view(batch, -1), neighbours[:, 0].view(batch, -1)
+        image_scores = None
+        if self.reweight:
+            image_scores = reweighted_image_scores(
+                patches.view(batch, height * width, -1), distances, neighbours, self.memory_bank, self.num_neighbors
+            )
+        return distances.view(batch, height, width), image_scores
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"memory_bank": self.memory_bank}
+
+    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        bank = tensors["memory_bank"]
+        expected = (config["bank_size"], config["feature_dim"])
+        if tuple(bank.shape) != expected:
+            raise ScoringError(f"memory_bank has shape {tuple(bank.shape)}, config.json says {expected}.")
+        self.memory_bank = bank.float().to(self.device).contiguous()
+        self.coreset_radius = config["coreset_radius"]
+
+    def _method_config(self) -> dict[str, Any]:
+        return {
+            "coreset_ratio": self.coreset_ratio,
+            "projection_dim": self.projection_dim,
+            "reweight": self.reweight,
+            "num_neighbors": self.num_neighbors,
+            "bank_size": int(self.memory_bank.shape[0]),
+            "feature_dim": int(self.memory_bank.shape[1]),
+            "coreset_radius": self.coreset_radius,
+        }
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any], tower: VisionTower, preprocess: Preprocess, device) -> "PatchCore":
+        return cls(
+            tower,
+            layers=config["layers"],
+            image_size=preprocess.size,
+            coreset_ratio=config["coreset_ratio"],
+            projection_dim=config["projection_dim"],
+            sigma=config["sigma"],
+            reweight=config["reweight"],
+            num_neighbors=config["num_neighbors"],
+            seed=config["seed"],
+            device=device,
+        )
+
+
+def flatten_patches(embedding: torch.Tensor) -> torch.Tensor:
+    """N x C x h x w -> (N h w) x C, patches of one image contiguous and in raster order."""
+    return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).contiguous()

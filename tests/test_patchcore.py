@@ -1,0 +1,277 @@
+"""PatchCore: detection on a pasted blob, exact coreset and nearest-neighbour search, thresholds,
+save/load round trips and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import save_png, textured_image, write_mvtec_category
+from defectclip.data import DataError, array_to_tensor, open_dataset
+from defectclip.scoring import PatchCore, ScoringError, calibrate_threshold, load_scorer
+from defectclip.scoring.common import gaussian_blur
+from defectclip.scoring.patchcore import greedy_k_center, nearest_neighbours, select_coreset
+from defectclip.towers import build_vision_tower
+
+BLOB = (slice(14, 26), slice(30, 44))  # rows, columns of the pasted defect in a 48 x 64 image
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    return build_vision_tower("tiny:cnn")
+
+
+@pytest.fixture(scope="module")
+def normal_images():
+    rng = np.random.default_rng(0)
+    return [array_to_tensor(textured_image(rng)) for _ in range(6)]
+
+
+@pytest.fixture(scope="module")
+def blob_image():
+    """A normal-looking image with a bright square pasted in: the defect."""
+    image = textured_image(np.random.default_rng(99))
+    image[BLOB] = 250
+    return array_to_tensor(image)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_cnn, normal_images):
+    return PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu").fit(normal_images)
+
+
+def inside_blob(anomaly_map: np.ndarray, margin: int = 2) -> bool:
+    row, col = np.unravel_index(np.argmax(anomaly_map), anomaly_map.shape)
+    rows, cols = BLOB
+    return rows.start - margin <= row < rows.stop + margin and cols.start - margin <= col < cols.stop + margin
+
+
+# --------------------------------------------------------------------------------------------------
+# detection
+
+
+@pytest.mark.parametrize("spec, size", [("tiny:cnn", None), ("offline:efficientnet_lite0", 64)])
+def test_a_pasted_blob_scores_higher_and_the_map_peaks_inside_it(spec, size, normal_images, blob_image):
+    model = PatchCore(spec, image_size=size, coreset_ratio=0.5, device="cpu").fit(normal_images[:5])
+    held_out_normal, defect = model.predict([normal_images[5], blob_image])
+    assert defect.score > 1.5 * held_out_normal.score
+    assert defect.anomaly_map.shape == (48, 64) and defect.anomaly_map.dtype == np.float32
+    assert inside_blob(defect.anomaly_map)
+    assert defect.score == pytest.approx(float(defect.anomaly_map.max()))
+
+
+def test_default_layers_are_the_stride_8_and_16_stages(tiny_cnn):
+    assert PatchCore(tiny_cnn, device="cpu").layers == ["layer2", "layer3"]
+    assert PatchCore("offline:efficientnet_lite0", device="cpu").layers == ["blocks.2", "blocks.4"]
+
+
+def test_fit_and_predict_take_a_dataset(tiny_cnn, tmp_path):
+    root = write_mvtec_category(tmp_path / "mvtec", "widget", n_train=4)
+    model = PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu").fit(open_dataset(root, "train"))
+    test = open_dataset(root, "test")
+    results = model.predict(test)
+    scores = np.array([r.score for r in results])
+    labels = np.array(test.labels)
+    assert scores[labels == 1].min() > scores[labels == 0].max()
+    assert model.num_train_images == 4
+
+
+def test_reweighted_score_keeps_the_ranking(tiny_cnn, normal_images, blob_image):
+    model = PatchCore(tiny_cnn, coreset_ratio=0.5, reweight=True, num_neighbors=3, device="cpu").fit(normal_images[:5])
+    normal, defect = model.predict([normal_images[5], blob_image])
+    assert defect.score > normal.score > 0
+    # The paper's weight lies in (0, 1), so the reweighted score sits below the largest patch distance.
+    assert defect.score < float(defect.anomaly_map.max()) * 10
+
+
+def test_gaussian_blur_keeps_mass_and_flattens_a_spike():
+    spike = torch.zeros(1, 41, 41)
+    spike[0, 20, 20] = 1.0
+    blurred = gaussian_blur(spike, 4.0)
+    assert float(blurred.sum()) == pytest.approx(1.0, abs=1e-4)
+    assert float(blurred.max()) == pytest.approx(1 / (2 * np.pi * 16), rel=0.02)
+
+
+# --------------------------------------------------------------------------------------------------
+# coreset and nearest neighbours
+
+
+def plain_greedy(points: torch.Tensor, count: int, start: int) -> list[int]:
+    """Textbook k-center greedy: every point's distance is updated at every step."""
+    chosen = [start]
+    min_dist = torch.cdist(points, points[start : start + 1])[:, 0]
+    for _ in range(count - 1):
+        chosen.append(int(torch.argmax(min_dist)))
+        min_dist = torch.minimum(min_dist, torch.cdist(points, points[chosen[-1] : chosen[-1] + 1])[:, 0])
+    return chosen
+
+
+def clustered_points(seed=0, n=3000, dim=16):
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(20, dim, generator=generator) * 4
+    labels = torch.randint(0, 20, (n,), generator=generator)
+    return centers[labels] + torch.randn(n, dim, generator=generator)
+
+
+def test_coreset_picks_the_requested_count_and_covers_every_point():
+    points = clustered_points()
+    coreset = greedy_k_center(points, 150, start=7)
+    assert coreset.indices.shape == (150,) and len(set(coreset.indices.tolist())) == 150
+    farthest = torch.cdist(points, points[coreset.indices]).min(dim=1).values.max()
+    assert float(farthest) <= coreset.radius * (1 + 1e-4)
+    assert float(farthest) == pytest.approx(coreset.radius, rel=1e-4)
+
+
+def test_greedy_selects_the_same_points_as_the_textbook_version():
+    points = clustered_points(seed=1, n=1500)
+    assert greedy_k_center(points, 60, start=3).indices.tolist() == plain_greedy(points, 60, 3)
+
+
+def test_select_coreset_uses_the_ratio_and_is_seeded():
+    features = clustered_points(n=1000, dim=200)
+    first = select_coreset(features, 0.1, projection_dim=32, seed=5)
+    assert first.indices.numel() == 100
+    assert torch.equal(first.indices, select_coreset(features, 0.1, projection_dim=32, seed=5).indices)
+    assert not torch.equal(first.indices, select_coreset(features, 0.1, projection_dim=32, seed=6).indices)
+    assert select_coreset(features, 1.0).indices.tolist() == list(range(1000))
+    with pytest.raises(ScoringError, match="coreset_ratio"):
+        select_coreset(features, 0.0)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_chunked_nearest_neighbours_equal_brute_force(k):
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(300, 24, generator=generator), torch.randn(1100, 24, generator=generator) * 1.5
+    distances, indices = nearest_neighbours(queries, bank, k=k, bank_chunk=100, block_elements=6400)  # 64 queries a block
+    expected_dist, expected_idx = torch.cdist(queries, bank).topk(k, dim=1, largest=False)
+    torch.testing.assert_close(distances, expected_dist, rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices, expected_idx)
+
+
+# --------------------------------------------------------------------------------------------------
+# thresholds
+
+
+def test_f1_optimal_threshold_on_a_hand_made_case():
+    # Scores >= 0.7 flag both anomalies and one normal image (F1 0.8); >= 0.8 flags exactly the two
+    # anomalies (F1 1.0); >= 0.9 misses one (F1 0.67).
+    scores, labels = np.array([0.1, 0.2, 0.7, 0.8, 0.9]), np.array([0, 0, 0, 1, 1])
+    calibration = calibrate_threshold(scores, labels, quantile=0.99)
+    assert calibration.method == "f1"
+    assert 0.7 < calibration.threshold <= 0.8  # the F1 = 1 threshold, possibly with a margin below 0.8
+    np.testing.assert_array_equal(scores >= calibration.threshold, labels == 1)
+
+
+def test_quantile_threshold_without_anomalies():
+    scores = np.linspace(0, 1, 101)
+    calibration = calibrate_threshold(scores, None, quantile=0.95)
+    assert calibration.threshold == pytest.approx(0.95) and calibration.method == "quantile:0.95"
+    with pytest.raises(ScoringError, match="only anomalous"):
+        calibrate_threshold([0.5, 0.6], [1, 1], quantile=0.99)
+
+
+def test_model_calibration_sets_masks_and_decisions(fitted, normal_images, blob_image):
+    assert fitted.predict(blob_image)[0].threshold == np.inf  # uncalibrated: nothing is flagged
+    threshold = fitted.calibrate(normal_images + [blob_image], [0] * 6 + [1])
+    normal, defect = fitted.predict([normal_images[0], blob_image])
+    assert defect.is_anomalous and not normal.is_anomalous
+    assert defect.threshold == threshold and defect.mask.any() and not normal.mask.any()
+    quantile = fitted.calibrate(normal_images, quantile=0.5)
+    assert quantile == pytest.approx(np.quantile([r.score for r in fitted.predict(normal_images)], 0.5))
+
+
+# --------------------------------------------------------------------------------------------------
+# save and load
+
+
+def test_save_then_load_gives_identical_predictions(fitted, normal_images, blob_image, tmp_path):
+    fitted.calibrate(normal_images + [blob_image], [0] * 6 + [1])
+    folder = fitted.save(tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["tower"] == "tiny:cnn" and config["layers"] == ["layer2", "layer3"]
+    assert config["coreset_ratio"] == 0.5 and config["threshold"] == fitted.threshold
+    loaded = PatchCore.load(folder, device="cpu")
+    for before, after in zip(fitted.predict(normal_images[:2] + [blob_image]), loaded.predict(normal_images[:2] + [blob_image])):
+        assert before.score == after.score and before.threshold == after.threshold
+        np.testing.assert_array_equal(before.anomaly_map, after.anomaly_map)
+    assert isinstance(load_scorer(folder), PatchCore)
+
+
+def test_saving_over_a_previous_save_replaces_it_and_spares_other_folders(fitted, tmp_path):
+    folder = fitted.save(tmp_path / "model")
+    fitted.save(folder)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ScoringError, match="other files"):
+        fitted.save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_load_refuses_missing_and_unexpected_keys(fitted, tmp_path):
+    folder = fitted.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "surprise": 1}))
+    with pytest.raises(ScoringError, match="unexpected keys \\['surprise'\\]"):
+        PatchCore.load(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    save_file({**tensors, "extra": torch.zeros(1)}, folder / "model.safetensors")
+    with pytest.raises(ScoringError, match="unexpected keys \\['extra'\\]"):
+        PatchCore.load(folder)
+    save_file({}, folder / "model.safetensors")
+    with pytest.raises(ScoringError, match="missing keys \\['memory_bank'\\]"):
+        PatchCore.load(folder)
+
+
+def test_a_relative_local_dir_tower_still_resolves_after_save(tiny_cnn, normal_images, tmp_path, monkeypatch):
+    tiny_cnn.save_pretrained(tmp_path / "towers" / "tab")
+    monkeypatch.chdir(tmp_path)
+    model = PatchCore("local-dir:towers/tab", coreset_ratio=0.5, device="cpu").fit(normal_images[:3])
+    folder = model.save(tmp_path / "model")
+    monkeypatch.chdir(tmp_path.parent)
+    loaded = PatchCore.load(folder, device="cpu")
+    assert loaded.tower.spec == f"local-dir:{(tmp_path / 'towers' / 'tab').resolve()}"
+    assert loaded.predict(normal_images[3])[0].score == pytest.approx(model.predict(normal_images[3])[0].score)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_wrong_channel_count_is_a_clear_error(fitted):
+    with pytest.raises(ScoringError, match="3 x H x W.*1 channels"):
+        fitted.predict(torch.rand(1, 48, 64))
+    with pytest.raises(ScoringError, match="H x W x 3"):
+        fitted.predict([np.zeros((48, 64, 4), np.uint8)])
+
+
+def test_an_image_smaller_than_the_stride_names_the_minimum(fitted):
+    with pytest.raises(ScoringError, match="10 x 10 pixels.*at least 16 x 16"):
+        fitted.predict(torch.rand(3, 10, 10))
+    with pytest.raises(ScoringError, match="at least 16 x 16"):
+        PatchCore("tiny:cnn", image_size=8, device="cpu")
+
+
+def test_a_corrupt_file_is_named(fitted, normal_images, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    good = save_png(textured_image(np.random.default_rng(1)), tmp_path / "good.png")
+    with pytest.raises(DataError, match="broken.png"):
+        fitted.predict([good, broken])
+    with pytest.raises(DataError, match="broken.png"):
+        PatchCore("tiny:cnn", device="cpu").fit([broken])
+
+
+def test_an_empty_normal_set_and_an_unfitted_model_are_refused(tiny_cnn):
+    with pytest.raises(ScoringError, match="empty"):
+        PatchCore(tiny_cnn, device="cpu").fit([])
+    with pytest.raises(ScoringError, match="not fitted"):
+        PatchCore(tiny_cnn, device="cpu").predict(torch.rand(3, 64, 64))
+    with pytest.raises(ScoringError, match="Unknown layers"):
+        PatchCore(tiny_cnn, layers=["blocks.2"], device="cpu")
