@@ -5,8 +5,8 @@ Usage: python benchmarks/eval_describer.py --model outputs/describer_neu_seg --d
 
 For every region of the split, the describer ranks the object's candidate captions (the set stored
 with the dataset) and the top one is right when it equals the region's caption. Accuracy is reported
-overall, by the number of regions in the image (1, 2, 3+: Table 4), by object (Table 5) and by
-defect type. Variants of the same saved model:
+overall, by the number of regions in the image (1, 2, 3+: Table 4; and 2+ together), by object
+(Table 5) and by defect type. Variants of the same saved model:
 - tuned: as trained (alpha conv, LoRA, projection);
 - untuned: the base towers only: alpha conv zero, no LoRA, base RGB conv, projection at its seeded
   initial value (the zero-shot baseline; for CNN towers, whose projection is learned, this is chance);
@@ -58,7 +58,8 @@ class Tally:
         self.right[group] += int(correct)
 
     def table(self) -> dict[str, dict]:
-        return {g: {"accuracy": round(100.0 * self.right[g] / self.total[g], 2), "count": self.total[g]} for g in sorted(self.total)}
+        return {g: {"accuracy": round(100.0 * self.right[g] / self.total[g], 2), "right": self.right[g], "count": self.total[g]}
+                for g in sorted(self.total)}
 
 
 def predict_record(describer: AlphaDescriber, record, candidates: list[str], device) -> list[str]:
@@ -72,6 +73,7 @@ def predict_record(describer: AlphaDescriber, record, candidates: list[str], dev
 
 def evaluate(describer: AlphaDescriber, dataset: Path, split: str, candidates: dict[str, list[str]], limit: int | None, device) -> dict:
     overall, by_regions, by_object, by_defect = Tally(), Tally(), Tally(), Tally()
+    multi = Tally()  # regions of images holding 2 or more regions: the case the mask must decide
     for index, record in enumerate(iter_region_records(dataset, split)):
         if limit is not None and index >= limit:
             break
@@ -83,8 +85,10 @@ def evaluate(describer: AlphaDescriber, dataset: Path, split: str, candidates: d
             by_regions.add(bucket, correct)
             by_object.add(record.object, correct)
             by_defect.add(defect, correct)
-    return {"overall": overall.table()["all"], "by_regions": by_regions.table(), "by_object": by_object.table(),
-            "by_defect": by_defect.table()}
+            if len(record.masks) >= 2:
+                multi.add("2+", correct)
+    return {"overall": overall.table()["all"], "by_regions": by_regions.table(),
+            "multi_region": multi.table().get("2+"), "by_object": by_object.table(), "by_defect": by_defect.table()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import copy
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -560,7 +561,11 @@ class AlphaDescriber(nn.Module):
 
             self._set_peft_model(PeftModel.from_pretrained(self.image.base.model, str(folder / ADAPTER_DIR)))
             if merge_adapter:
-                self.peft_model.merge_adapter()
+                with warnings.catch_warnings():
+                    # PEFT merges a MultiheadAttention's out_proj together with the attention, then visits
+                    # the out_proj layer again and warns that it is merged already: expected, harmless.
+                    warnings.filterwarnings("ignore", message="All adapters are already merged")
+                    self.peft_model.merge_adapter()
 
     def _load_merged(self, folder: Path) -> None:
         from safetensors.torch import load_file
