@@ -225,6 +225,21 @@ def test_interrupted_run_resumes_to_the_same_weights(two_categories, tmp_path, m
         assert torch.equal(resumed_weights[key], value), key
 
 
+def test_freeze_bn_keeps_running_statistics_while_the_trunk_still_learns(two_categories, tmp_path):
+    flags = ["--max-steps", "3", "--batch-size", "2", "--lr", "0.05", "--checkpointing-steps", "100"]
+    before = build_vision_tower("tiny:cnn").model.state_dict()
+    run(two_categories, tmp_path / "frozen", *flags, "--freeze-bn")
+    run(two_categories, tmp_path / "drifting", *flags)
+    frozen, drifting = tensors_of(tmp_path / "frozen"), tensors_of(tmp_path / "drifting")
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert statistics
+    for key in statistics:
+        assert torch.equal(frozen[key], before[key]), key
+    assert any(not torch.equal(drifting[key], before[key]) for key in statistics)
+    learned = [k for k in before if k.endswith("conv1.weight") or k.endswith("bn1.weight")]
+    assert any(not torch.equal(frozen[key], before[key]) for key in learned)
+
+
 def test_persistent_workers_see_each_epoch_like_the_main_process(two_categories, tmp_path):
     # 6 steps of 2 pairs over 8 images cross into epoch 1 inside the same persistent worker.
     flags = ["--batch-size", "2", "--max-steps", "6"]

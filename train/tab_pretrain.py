@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tab.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                      help="cosine: decay to 0 over the run's total steps; constant: keep --lr")
     tab.add_argument("--text-cache", type=Path, default=None, help="folder caching the class text vectors as safetensors")
+    tab.add_argument("--freeze-bn", action="store_true",
+                     help="keep the trunk's BatchNorm running statistics as pretrained (their scale and shift "
+                          "still train): for small batches or one category, whose statistics would drift")
     add_common_args(parser, batch_size=32, lr=0.01)
     args = parser.parse_args(argv)
     check_common_args(args)
@@ -209,6 +212,8 @@ def train_loop(accelerator, progress, model, optimizer, scheduler, loader, sampl
     batches = batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch, seed=args.seed)
     bar = tqdm(total=total, initial=progress.step, desc="TAB", disable=not accelerator.is_local_main_process)
     model.train()
+    if args.freeze_bn:
+        freeze_batchnorm_statistics(model)
     micro_batches, started = 0, time.perf_counter()
     while progress.step < total:
         with accelerator.accumulate(model):
@@ -225,6 +230,15 @@ def train_loop(accelerator, progress, model, optimizer, scheduler, loader, sampl
             after_step(accelerator, progress, args, log, bar, total)
     bar.close()
     return log, micro_batches, time.perf_counter() - started
+
+
+def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
+    """Put every BatchNorm layer in eval mode so it normalises with, and no longer updates, its
+    running statistics; its affine weights still get gradients. Returns how many layers it froze."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.eval()
+    return len(norms)
 
 
 def after_step(accelerator, progress, args, log: LossLog, bar, total: int) -> None:
