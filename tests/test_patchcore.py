@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from conftest import save_png, textured_image, write_mvtec_category
 from defectclip.data import DataError, array_to_tensor, open_dataset
 from defectclip.scoring import PatchCore, ScoringError, calibrate_threshold, load_scorer
-from defectclip.scoring.common import gaussian_blur
+from defectclip.scoring.common import gaussian_blur, measure_centre_offset, patch_scores_to_maps
 from defectclip.scoring.patchcore import greedy_k_center, nearest_neighbours, select_coreset
 from defectclip.towers import build_vision_tower
 
@@ -94,6 +94,43 @@ def test_gaussian_blur_keeps_mass_and_flattens_a_spike():
     blurred = gaussian_blur(spike, 4.0)
     assert float(blurred.sum()) == pytest.approx(1.0, abs=1e-4)
     assert float(blurred.max()) == pytest.approx(1 / (2 * np.pi * 16), rel=0.02)
+
+
+def test_without_an_offset_maps_follow_the_plain_resize_convention():
+    scores = torch.rand(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    maps = patch_scores_to_maps(scores, (48, 64), [(48, 64)] * 2, sigma=0.0)
+    resized = torch.nn.functional.interpolate(scores[:, None], size=(48, 64), mode="bilinear", align_corners=False)
+    for ours, reference in zip(maps, resized[:, 0]):
+        np.testing.assert_allclose(ours, reference.numpy(), atol=1e-6)
+
+
+def test_each_patch_score_lands_on_its_centre():
+    scores = torch.zeros(1, 6, 8)
+    scores[0, 2, 5] = 1.0
+    (shifted,) = patch_scores_to_maps(scores, (48, 64), [(48, 64)], sigma=0.0, centre_offset=(-3.0, 2.0))
+    assert np.unravel_index(np.argmax(shifted), shifted.shape) == (8 * 2 - 3, 8 * 5 + 2)
+    assert shifted.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("pad, expected", [(0, 3.5), (4, -0.5)])
+def test_measured_centre_of_a_strided_conv_is_where_its_window_sits(pad, expected):
+    # An 8 x 8, stride-8 window over the input padded by `pad` on the top and left sees pixels
+    # [8 i - pad, 8 i - pad + 8): its centre is 8 i + 3.5 - pad.
+    conv = torch.nn.Conv2d(3, 4, kernel_size=8, stride=8, bias=False)
+    torch.nn.init.constant_(conv.weight, 1.0)
+
+    def embed(x):
+        return conv(torch.nn.functional.pad(x, (pad, 0, pad, 0))[..., : x.shape[-2], : x.shape[-1]])
+
+    dy, dx = measure_centre_offset(embed, (48, 64), torch.device("cpu"))
+    assert dy == pytest.approx(expected, abs=1e-4) and dx == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_measured_centre_of_a_padded_cnn_differs_from_the_resize_convention(tiny_cnn):
+    model = PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu")
+    dy, dx = model.features.centre_offset()
+    stride = 8  # the finest default stage
+    assert abs(dy - (stride - 1) / 2) > 1 and abs(dx - (stride - 1) / 2) > 1
 
 
 # --------------------------------------------------------------------------------------------------
