@@ -45,7 +45,7 @@ def run(step: str, args: list[str], artifact: Path) -> None:
 
 def pretrain_tab(tile: Path, work: Path, steps: int) -> Path:
     out = work / "tab"
-    run("TAB pretraining", ["-m", "train.tab_pretrain", "--data", str(tile), *OFFLINE, "--image-size", "128",
+    run("TAB pretraining", ["-m", "train.tab_pretrain", "--data", str(tile), *OFFLINE, "--image-size", "128", "--freeze-bn",
                             "--batch-size", "8", "--max-steps", str(steps), "--optimizer", "sgd", "--lr", "0.01",
                             "--checkpointing-steps", str(steps), "--output-dir", str(out)], out / "tab_config.json")
     return out
