@@ -126,11 +126,16 @@ def test_measured_centre_of_a_strided_conv_is_where_its_window_sits(pad, expecte
     assert dy == pytest.approx(expected, abs=1e-4) and dx == pytest.approx(expected, abs=1e-4)
 
 
-def test_the_measured_centre_of_a_padded_cnn_differs_from_the_resize_convention(tiny_cnn):
+def test_the_measured_centre_of_a_padded_cnn_differs_from_the_resize_convention(tiny_cnn, monkeypatch):
     model = PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu")
     dy, dx = model.features.centre_offset()
     stride = 8  # the finest default stage
     assert abs(dy - (stride - 1) / 2) > 1 and abs(dx - (stride - 1) / 2) > 1
+    # A second scorer on the same tower (few-shot builds many) reuses the measurement.
+    import defectclip.scoring.common as common
+
+    monkeypatch.setattr(common, "measure_centre_offset", lambda *args: pytest.fail("measured twice"))
+    assert PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu").features.centre_offset() == (dy, dx)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Sequence
@@ -216,6 +217,11 @@ def iter_image_batches(images: Sequence[Any], batch_size: int) -> Iterator[list[
 # patch features
 
 
+# tower -> {(layers, model size, local averaging): centre offset}; weak keys, so a dropped tower
+# takes its entries with it. Towers are frozen inside scorers, so the offsets cannot go stale.
+_CENTRE_OFFSETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class PatchFeatures:
     """Tower stages -> one feature vector per patch, shaped N x C x h x w at the finest stage's grid."""
 
@@ -257,8 +263,14 @@ class PatchFeatures:
         defects scored a cell away from where they are lose most of their pixel-level overlap.
         """
         if self._centre_offset is None:
-            device = next(iter(self.tower.parameters())).device
-            self._centre_offset = measure_centre_offset(self.embed, self.preprocess.size, device)
+            # Shared by every scorer on the same tower object: the app's few-shot mode builds one
+            # PatchCore per reference image, and each would otherwise measure it again.
+            known = _CENTRE_OFFSETS.setdefault(self.tower, {})
+            key = (tuple(self.layers), tuple(self.preprocess.size), self.local_average)
+            if key not in known:
+                device = next(iter(self.tower.parameters())).device
+                known[key] = measure_centre_offset(self.embed, self.preprocess.size, device)
+            self._centre_offset = known[key]
         return self._centre_offset
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
