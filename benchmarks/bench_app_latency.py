@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="timed requests per measurement")
     parser.add_argument("--clients", type=int, default=20, help="concurrent gradio_client sessions")
     args = parser.parse_args(argv)
-    pipeline = InspectionPipeline.from_folder(args.models)
+    pipeline = InspectionPipeline.from_pretrained(args.models)
     paths = test_images(args.size, max(args.clients, 10))
     result = {"machine": machine(), "image_size": args.size, **bench_handlers(pipeline, paths, args.repeats)}
     print(json.dumps(result))

@@ -34,8 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data.transforms import Preprocess, build_transform, resize
-from .io import atomic_dir, read_json, write_json_atomic
+from .data.images import image_to_tensor
+from .data.transforms import Preprocess, build_transform
+from .artifacts import Artifact
+from .io import read_json, write_json_atomic
 from .towers import TextTower, VisionTower, build_text_tower, build_vision_tower
 
 ALPHA_MEAN = 0.5
@@ -375,22 +377,7 @@ def load_alphaclip_checkpoint(path: str | Path, tower: AlphaImageTower | VisionT
 # the describer
 
 
-def _as_image_tensor(image) -> torch.Tensor:
-    """PIL image, H x W (x 3) uint8 array or 3 x H x W float tensor in [0, 1] -> 3 x H x W float."""
-    if torch.is_tensor(image):
-        tensor = image.float()
-    else:
-        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        tensor = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float()
-        tensor = tensor / 255.0 if array.dtype == np.uint8 else tensor
-    if tensor.dim() != 3 or tensor.shape[0] != 3:
-        raise AlphaClipError(f"Expected an RGB image, got a tensor shaped {tuple(tensor.shape)}.")
-    return tensor
-
-
-class AlphaDescriber(nn.Module):
+class AlphaDescriber(Artifact, nn.Module):
     """Rank captions for one region of an image.
 
     - `embed_regions(images, masks)` -> L2-normalised region embeddings (N, D)
@@ -398,6 +385,8 @@ class AlphaDescriber(nn.Module):
     - `candidates_for(object)` -> the caption set saved with the model for that object
     Probabilities are softmax(cosine / temperature) over the candidates, temperature from training.
     """
+
+    card_kind = "describer"  # hub_files stays None: the adapter is a nested folder
 
     def __init__(self, image: AlphaImageTower, text: TextTower, config: dict):
         super().__init__()
@@ -486,7 +475,7 @@ class AlphaDescriber(nn.Module):
         mask = np.asarray(mask.cpu() if torch.is_tensor(mask) else mask).astype(bool)
         if not mask.any():
             raise AlphaClipError("The region mask is empty: mark at least one pixel.")
-        tensor = _as_image_tensor(image)
+        tensor = image_to_tensor(image)
         if tuple(mask.shape) != tuple(tensor.shape[-2:]):
             raise AlphaClipError(f"Mask {mask.shape} and image {tuple(tensor.shape[-2:])} differ in size.")
         probabilities = self.caption_probabilities(self.embed_regions(tensor[None], mask[None]), candidates)[0]
@@ -495,21 +484,19 @@ class AlphaDescriber(nn.Module):
 
     # -- saving and loading --------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | Path, merged: bool = False) -> Path:
-        """Write the describer folder atomically (see the module docstring for its contents)."""
+    def _write_artifact(self, folder: Path, merged: bool = False) -> None:
+        """The describer folder (see the module docstring); `merged` folds the adapter into the tower weights."""
         from safetensors.torch import save_file
 
-        with atomic_dir(folder) as staging:
-            config = dict(self.config, merged=merged)
-            if merged:
-                save_file(_contiguous(self._merged_tower_state()), str(staging / MERGED_WEIGHTS_NAME))
-                save_file(_contiguous(self._projection_state()), str(staging / WEIGHTS_NAME))
-            else:
-                save_file(_contiguous(self.image.describer_state()), str(staging / WEIGHTS_NAME))
-                if self.peft_model is not None:
-                    self.peft_model.save_pretrained(str(staging / ADAPTER_DIR))
-            write_json_atomic(staging / CONFIG_NAME, config)
-        return Path(folder)
+        config = dict(self.config, merged=merged)
+        if merged:
+            save_file(_contiguous(self._merged_tower_state()), str(folder / MERGED_WEIGHTS_NAME))
+            save_file(_contiguous(self._projection_state()), str(folder / WEIGHTS_NAME))
+        else:
+            save_file(_contiguous(self.image.describer_state()), str(folder / WEIGHTS_NAME))
+            if self.peft_model is not None:
+                self.peft_model.save_pretrained(str(folder / ADAPTER_DIR))
+        write_json_atomic(folder / CONFIG_NAME, config)
 
     def _projection_state(self) -> dict[str, torch.Tensor]:
         return {f"projection.{k}": v for k, v in self.image.projection.state_dict().items()}
@@ -522,8 +509,8 @@ class AlphaDescriber(nn.Module):
         return dict(merged.state_dict())
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, *, untuned: bool = False, keep_head: bool = False,
-                        merge_adapter: bool = True) -> "AlphaDescriber":
+    def _read_artifact(cls, folder: Path, *, untuned: bool = False, keep_head: bool = False,
+                       merge_adapter: bool = True) -> "AlphaDescriber":
         """Reload a saved describer; outputs equal the saved model's.
 
         The adapter is merged into the base weights once (`merge_adapter=False` keeps it separate, to
@@ -534,7 +521,7 @@ class AlphaDescriber(nn.Module):
         no adapter, base RGB conv, projection at its seeded initial value): the zero-shot baseline.
         `keep_head=True` with it keeps the trained projection: a mask-blind linear-probe baseline.
         """
-        folder = _describer_folder(Path(folder))
+        folder = _describer_folder(folder)
         config = read_json(folder / CONFIG_NAME)
         if config.get("format") != FORMAT:
             raise AlphaClipError(f"{folder} is not an AlphaCLIP describer folder (format {config.get('format')!r}).")
@@ -593,111 +580,3 @@ def _read_projection(path: Path) -> dict[str, torch.Tensor]:
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses shared or non-contiguous storage; saved tensors are independent copies."""
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-
-
-
-# --------------------------------------------------------------------------------------------------
-# split-mask caption datasets (written by `python -m hub.datasets build`)
-
-
-@dataclass
-class RegionRecord:
-    """One image of a split-mask caption dataset with its regions, at full resolution."""
-
-    image: torch.Tensor  # 3 x H x W float in [0, 1]
-    object: str
-    masks: np.ndarray  # N x H x W bool, one per region
-    defects: list[str]
-    captions: list[str]
-
-
-def _pil_to_tensor(image) -> torch.Tensor:
-    return _as_image_tensor(image.convert("RGB"))
-
-
-def _region_mask(image) -> np.ndarray:
-    """A region mask stored as an image (any mode) -> H x W bool, non-zero = inside."""
-    array = np.asarray(image)
-    return (array.max(axis=-1) if array.ndim == 3 else array) > 0
-
-
-def iter_region_records(dataset_dir: str | Path, split: str) -> Iterator[RegionRecord]:
-    """Every image of `split` that has at least one region, decoded."""
-    for row in open_region_split(dataset_dir, split):
-        regions = row["regions"]
-        if not regions:
-            continue
-        yield RegionRecord(
-            image=_pil_to_tensor(row["image"]),
-            object=row["object"],
-            masks=np.stack([_region_mask(region["mask"]) for region in regions]),
-            defects=[region["defect"] for region in regions],
-            captions=[region["caption"] for region in regions],
-        )
-
-
-def open_region_split(dataset_dir: str | Path, split: str):
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(str(dataset_dir))
-    if split not in dataset:
-        raise AlphaClipError(f"{dataset_dir} has no split {split!r}; it has {sorted(dataset)}.")
-    return dataset[split]
-
-
-@dataclass
-class RegionTable:
-    """Every region of a split, resized to the model input once, for fast training.
-
-    `images` (M x 3 x H x W uint8) holds each image once; region r is image `region_image[r]` with
-    mask coverage `coverage[r]` (H x W uint8, 255 = fully inside) and caption
-    `captions[caption_index[r]]`.
-    """
-
-    images: torch.Tensor
-    region_image: torch.Tensor
-    coverage: torch.Tensor
-    caption_index: torch.Tensor
-    captions: list[str]
-    region_object: list[str] = field(default_factory=list)
-    region_defect: list[str] = field(default_factory=list)
-
-
-def _to_uint8(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor * 255.0).round().clamp(0, 255).to(torch.uint8)
-
-
-def load_region_table(dataset_dir: str | Path, split: str, preprocess: Preprocess) -> RegionTable:
-    """Decode a split and resize images (preprocess interpolation) and masks (coverage) to the model size."""
-    images, region_image, coverage, caption_ids = [], [], [], []
-    captions: dict[str, int] = {}
-    objects, defects = [], []
-    for record in iter_region_records(dataset_dir, split):
-        images.append(_to_uint8(resize(record.image, preprocess.size, preprocess.interpolation)))
-        coverage.append(_to_uint8(mask_coverage(record.masks, preprocess.size)))
-        for caption, defect in zip(record.captions, record.defects):
-            region_image.append(len(images) - 1)
-            caption_ids.append(captions.setdefault(caption, len(captions)))
-            objects.append(record.object)
-            defects.append(defect)
-    if not images:
-        raise AlphaClipError(f"Split {split!r} of {dataset_dir} has no regions to train on.")
-    return RegionTable(
-        images=torch.stack(images), region_image=torch.tensor(region_image), coverage=torch.cat(coverage),
-        caption_index=torch.tensor(caption_ids), captions=list(captions), region_object=objects, region_defect=defects,
-    )
-
-
-
-CANDIDATES_FILE = "candidates.json"  # written beside the dataset by `python -m hub.datasets build`
-
-
-def read_dataset_candidates(dataset_dir: str | Path) -> dict[str, list[str]]:
-    """{object: [candidate captions]} stored with a split-mask caption dataset."""
-    path = Path(dataset_dir) / CANDIDATES_FILE
-    if not path.is_file():
-        raise AlphaClipError(f"{path} not found: build the dataset with `python -m hub.datasets build`, which writes it.")
-    candidates = read_json(path)
-    if not isinstance(candidates, dict) or not all(isinstance(v, list) and v for v in candidates.values()):
-        raise AlphaClipError(f"{path} must map each object to a non-empty list of captions.")
-    return {str(name): [str(c) for c in captions] for name, captions in candidates.items()}

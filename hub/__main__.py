@@ -13,7 +13,7 @@ import sys
 
 from pathlib import Path
 
-from hub.push import DEFAULT_ORG, ORG_ENV_VAR, RetryPolicy, push_folder
+from defectclip.sharing.push import DEFAULT_ORG, ORG_ENV_VAR, RetryPolicy, push_folder
 
 PUSH_COMMANDS = {"push-model": "model", "push-dataset": "dataset", "push-space": "space"}
 EXPORT_COMMANDS = {
@@ -42,7 +42,7 @@ def _add_push_command(subparsers, command: str, repo_type: str) -> None:
 
 
 def _add_card_options(parser: argparse.ArgumentParser) -> None:
-    from hub.datasets import KNOWN_SOURCES
+    from defectclip.region_dataset import KNOWN_SOURCES
 
     card = parser.add_argument_group("model card")
     card.add_argument("--repo-id", default=None,
@@ -130,7 +130,7 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _card_info(args: argparse.Namespace, default_name: str):
-    from hub.cards import ALPHACLIP_WEIGHTS, BenchmarkRef, CardInfo
+    from defectclip.sharing.cards import ALPHACLIP_WEIGHTS, BenchmarkRef, CardInfo
 
     benchmarks = ()
     if args.benchmark is not None:
@@ -151,7 +151,7 @@ def _card_info(args: argparse.Namespace, default_name: str):
 
 def _parse_metric(text: str):
     """`TYPE=PATH` or `TYPE:NAME=PATH`; split at the first '=' because a path's [key=value] holds one too."""
-    from hub.cards import MetricRef
+    from defectclip.sharing.cards import MetricRef
 
     label, sep, path = text.partition("=")
     metric_type, _, name = label.partition(":")
@@ -161,10 +161,10 @@ def _parse_metric(text: str):
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import hub.export
+    import defectclip.sharing.export as exports
 
     card = _card_info(args, args.out.name)
-    function = getattr(hub.export, args.export_function)
+    function = getattr(exports, args.export_function)
     kwargs = {"object_name": args.object} if args.export_function == "export_scorer" else {}
     out = function(args.source, args.out, card, **kwargs)
     print(f"Exported {args.source} to {out} (card for {card.full_repo_id}); push it with "
@@ -173,7 +173,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_export_pipeline(args: argparse.Namespace) -> int:
-    from hub.export import export_pipeline
+    from defectclip.sharing.export import export_pipeline
 
     scorers = {}
     for text in args.scorer:

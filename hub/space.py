@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from defectclip.io import atomic_dir
-from hub.push import resolve_repo_id
+from defectclip.sharing.push import resolve_repo_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE_README_TEMPLATE = REPO_ROOT / "cards" / "space_readme.md.j2"

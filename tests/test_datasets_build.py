@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from hub import datasets as builder
+from defectclip.region_dataset import label_decoders
 from hub.datasets import BuildConfig, RegionParams, build_dataset, export_for_hub, main
 
 SIZE = (48, 64)  # height, width
@@ -119,8 +120,10 @@ def test_records_carry_object_captions_bboxes_and_pixel_exact_masks(mvtec_build)
     source, out, _ = mvtec_build
     dataset = load(out)
     for split in dataset:
+        object_name, defect_name = label_decoders(dataset[split])
+        assert dataset[split].features["object"].names == ["metal plate"]  # a ClassLabel, not free text
         for record in dataset[split]:
-            assert record["object"] == "metal plate"
+            assert object_name(record["object"]) == "metal plate"
             truth = np.array(Image.open(source / record["source"].replace("test/", "ground_truth/", 1)
                                         .replace(".png", "_mask.png"))) > 0
             masks = [np.array(r["mask"]) for r in record["regions"]]
@@ -130,7 +133,7 @@ def test_records_carry_object_captions_bboxes_and_pixel_exact_masks(mvtec_build)
                 ys, xs = np.nonzero(mask)
                 assert region["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
                 expected = {"crack": "a crack in the metal plate", "hole": "a hole in the metal plate"}
-                assert region["caption"] == expected[region["defect"]]
+                assert region["caption"] == expected[defect_name(region["defect"])]
             image = np.array(record["image"])
             assert image.shape[:2] == SIZE
 
@@ -157,7 +160,9 @@ def test_index_mask_build_counts_drops_and_types(index_build):
     assert stats["dropped_regions"] == 1 and stats["skipped_without_regions"] == 1
     records = [r for s in ("train", "validation") for r in dataset[s]]
     both = next(r for r in records if r["source"] == "images/train/0000.jpg")
-    assert [r["defect"] for r in both["regions"]] == ["inclusion", "inclusion", "patches"]
+    _, defect_name = label_decoders(dataset["train"])
+    assert dataset["train"].features["regions"].feature["defect"].names == ["inclusion", "patches"]
+    assert [defect_name(r["defect"]) for r in both["regions"]] == ["inclusion", "inclusion", "patches"]
     assert both["regions"][2]["caption"] == "a patch on the steel strip"
     assert both["image"].format == "JPEG"  # the source's own bytes, not re-encoded
     card = (out / "README.md").read_text()
@@ -220,7 +225,7 @@ def test_export_for_hub_writes_parquet_that_load_dataset_reads(tmp_path, index_b
     _, out, _ = index_build
     staging = export_for_hub(out, tmp_path / "staging")
     names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    assert names == ["README.md", "candidates.json", "data/test-00000-of-00001.parquet",
+    assert names == ["LICENSE.md", "README.md", "candidates.json", "data/test-00000-of-00001.parquet",
                      "data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet", "stats.json"]
     hub_like = load_dataset(str(staging), cache_dir=str(tmp_path / "cache"))  # resolves the splits through the card's `configs`
     local = load(out)

@@ -16,16 +16,12 @@ tab_config.json) plus metrics.json, and `checkpoints/` for `--resume latest`.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from defectclip.data import DataError, MVTecDataset
 from defectclip.io import atomic_dir, write_json_atomic
@@ -34,23 +30,26 @@ from defectclip.tab import (
     HEADS, LOSSES, SYNTHESES, EpochShuffle, SyntheticPairs, TABBackbone, TABConfig, TABError, check_loss, pair_loss,
 )
 from defectclip.towers import TowerError, build_text_tower, build_vision_tower
-from train.common import (
+if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train.common import (  # noqa: E402
     add_common_args,
     batches_from,
     check_common_args,
     checkpoint_dir,
-    log_loss,
+    known_sources,
     make_accelerator,
-    maybe_checkpoint,
+    make_scheduler,
+    push_trained,
     resume_if_asked,
     seed_everything,
     total_steps,
+    train_loop,
 )
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
 METRICS_NAME = "metrics.json"
-ARTIFACT_FILES = ("config.json", "model.safetensors", "projection.safetensors", "tab_config.json", METRICS_NAME)
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 1e-2}
 
 
@@ -164,74 +163,40 @@ def build_optimizer(args: argparse.Namespace, model: TABBackbone) -> torch.optim
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def build_scheduler(args: argparse.Namespace, optimizer, total: int, num_processes: int):
-    """A plain function as the lambda, so the schedule follows this run's total steps even after a
-    resume with another --max-steps (LambdaLR keeps functions out of its saved state).
-
-    Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-    """
-    horizon = max(1, total * num_processes)
-
-    def factor(scheduler_step: int) -> float:
-        if args.lr_schedule == "constant":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(scheduler_step, horizon) / horizon))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # --------------------------------------------------------------------------------------------------
-# the loop
+# the loop: train.common's, with TAB's loss
 
 
-class LossLog:
-    """Per-step losses kept on the device and read back once per logging window, not every step
-    (each read is a device synchronisation)."""
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.pending: list[torch.Tensor] = []
-        self.history: list[tuple[int, float]] = []
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.pending.append(loss.detach())
-
-    def flush(self, step: int) -> float | None:
-        if not self.pending:
-            return None
-        mean = self.accelerator.reduce(torch.stack(self.pending).float().mean(), reduction="mean").item()
-        self.pending.clear()
-        self.history.append((step, mean))
-        return mean
-
-
-def train_loop(accelerator, progress, model, optimizer, scheduler, loader, sampler, text_vectors,
-               args, total: int) -> tuple[LossLog, int, float]:
-    """Run until `total` optimizer steps; returns the loss log, micro-batches run and seconds taken."""
+def run_steps(accelerator, progress, model, optimizer, scheduler, loader, sampler, text_vectors,
+              args, total: int) -> tuple[list[float], int, float]:
+    """Train until `total` optimizer steps; returns each step's loss, micro-batches run and seconds taken."""
     preprocess = accelerator.unwrap_model(model).preprocess
-    log = LossLog(accelerator)
     start_batch = progress.step * args.gradient_accumulation_steps
-    batches = batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch, seed=args.seed)
-    bar = tqdm(total=total, initial=progress.step, desc="TAB", disable=not accelerator.is_local_main_process)
+    batches = CountingIterator(batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch,
+                                   seed=args.seed))
     model.train()
     if args.freeze_bn:
         freeze_batchnorm_statistics(model)
-    micro_batches, started = 0, time.perf_counter()
-    while progress.step < total:
-        with accelerator.accumulate(model):
-            loss = pair_loss(model, next(batches), text_vectors, args.loss, preprocess)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        log.add(loss)
-        micro_batches += 1
-        if accelerator.sync_gradients:
-            progress.step += 1
-            bar.update(1)
-            after_step(accelerator, progress, args, log, bar, total)
-    bar.close()
-    return log, micro_batches, time.perf_counter() - started
+    started = time.perf_counter()
+    losses = train_loop(accelerator, progress, model, optimizer, scheduler, batches,
+                        lambda batch, step: pair_loss(model, batch, text_vectors, args.loss, preprocess),
+                        args, total, "TAB")
+    return losses, batches.count, time.perf_counter() - started
+
+
+class CountingIterator:
+    """An iterator that counts what it hands out (the micro-batches of this run, for the throughput)."""
+
+    def __init__(self, iterator):
+        self.iterator, self.count = iterator, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.iterator)
+        self.count += 1
+        return item
 
 
 def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
@@ -241,14 +206,6 @@ def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
     for norm in norms:
         norm.eval()
     return len(norms)
-
-
-def after_step(accelerator, progress, args, log: LossLog, bar, total: int) -> None:
-    if progress.step % args.log_every == 0 or progress.step == total:
-        mean = log.flush(progress.step)
-        if mean is not None:
-            log_loss(accelerator, progress, args, mean, bar)
-    maybe_checkpoint(accelerator, progress, args, total)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,27 +224,18 @@ def carry_over(old: Path, new: Path) -> None:
 def save_artifact(model: TABBackbone, output_dir: Path, metrics: dict, step: int) -> None:
     """Replace the artifact in one rename, keeping checkpoints/ so `--resume latest` still works."""
     with atomic_dir(output_dir) as staging:
-        model.write_files(staging, step)
+        model._write_artifact(staging, step=step)
         write_json_atomic(staging / METRICS_NAME, metrics)
         carry_over(output_dir, staging)
 
 
-def push_artifact(output_dir: Path, repo: str) -> None:
-    """Push the artifact files only: checkpoints are resumable state, not part of the model."""
-    from hub.push import push_folder
-
-    with tempfile.TemporaryDirectory(prefix="tab-push-") as folder:
-        for name in ARTIFACT_FILES:
-            shutil.copy2(output_dir / name, Path(folder) / name)
-        push_folder(folder, repo)
-
-
-def run_metrics(log: LossLog, progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
+def run_metrics(losses: list[float], progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
     images = micro_batches * 2 * args.batch_size * accelerator.num_processes  # normal + synthetic
+    first_step = progress.step - len(losses) + 1
     return {
-        "final_loss": log.history[-1][1] if log.history else None,
-        "first_loss": log.history[0][1] if log.history else None,
-        "loss_history": [[step, loss] for step, loss in log.history],
+        "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "loss_history": [[first_step + i, loss] for i, loss in enumerate(losses)],
         "steps": progress.step,
         "micro_batches_this_run": micro_batches,
         "images_per_second": images / seconds if seconds > 0 else None,
@@ -319,24 +267,23 @@ def prepare_training(args, accelerator):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator, progress = make_accelerator(args)
+    accelerator, progress = make_accelerator(args, "tab_pretrain")
     seed_everything(args.seed)
     model, dataset, text_vectors = prepare_training(args, accelerator)
     plain_loader = build_loader(dataset, args, torch.Generator())
     loader = accelerator.prepare(plain_loader)
     total = total_steps(args, len(loader))
     optimizer = build_optimizer(args, model)
-    scheduler = build_scheduler(args, optimizer, total, accelerator.num_processes)
+    scheduler = make_scheduler(args.lr_schedule, optimizer, total, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     resume_if_asked(accelerator, args)
-    log, micro_batches, seconds = train_loop(accelerator, progress, model, optimizer, scheduler, loader,
-                                             plain_loader.sampler, text_vectors, args, total)
-    metrics = run_metrics(log, progress, micro_batches, seconds, args, accelerator)
+    losses, micro_batches, seconds = run_steps(accelerator, progress, model, optimizer, scheduler, loader,
+                                               plain_loader.sampler, text_vectors, args, total)
+    metrics = run_metrics(losses, progress, micro_batches, seconds, args, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_artifact(accelerator.unwrap_model(model), args.output_dir, metrics, progress.step)
-        if args.push_to_hub:
-            push_artifact(args.output_dir, args.push_to_hub)
+    push_trained(accelerator.unwrap_model(model), args, accelerator, training_data=known_sources(args.data))
     accelerator.end_training()
     return metrics
 

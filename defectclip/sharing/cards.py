@@ -1,4 +1,5 @@
-"""Model cards (README.md) for exported artifacts, rendered from the Jinja templates in cards/.
+"""Model cards (README.md) for exported artifacts, rendered from the Jinja template that travels with
+the package (defectclip/sharing/templates/model_card.md.j2), so an installed copy renders them too.
 
 A card says what the model is, what it is for, how to load it (code blocks that run as written once the
 repo exists: the tests execute them), what it was trained on (licence, citation), how it scored, where it
@@ -20,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defectclip.towers import OFFLINE_TEXT, OFFLINE_VISION, split_spec
-from hub.datasets import KNOWN_SOURCES, SourceInfo
-from hub.push import resolve_repo_id
+from ..region_dataset import KNOWN_SOURCES, SourceInfo
+from ..towers import OFFLINE_TEXT, OFFLINE_VISION, split_spec
+from .push import resolve_repo_id
 
-CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
-MODEL_CARD_TEMPLATE = CARDS_DIR / "model_card.md.j2"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md.j2"
 KINDS = ("tab", "scorer", "describer", "clip_ada", "pipeline")
 PROJECT_LICENSE = "apache-2.0"
 NON_COMMERCIAL = "cc-by-nc-4.0"
@@ -252,7 +252,7 @@ def eval_results_from_json(benchmark: BenchmarkRef) -> list:
 class CardInfo:
     """What a card needs beyond the artifact itself.
 
-    `training_data` names entries of hub.datasets.KNOWN_SOURCES ("magnetic_tile", "neu_seg") or gives a
+    `training_data` names entries of defectclip.region_dataset.KNOWN_SOURCES ("magnetic_tile", "neu_seg") or gives a
     SourceInfo. `base_weights` adds weights the tower specs do not reveal (e.g. ALPHACLIP_WEIGHTS for a
     describer initialised from an official AlphaCLIP checkpoint).
     """

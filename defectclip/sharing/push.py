@@ -18,6 +18,7 @@ REPO_TYPES = ("model", "dataset", "space")
 ORG_ENV_VAR = "DEFECTCLIP_ORG"
 DEFAULT_ORG = "defectclip"
 README = "README.md"
+KEPT_REMOTE_FILES = frozenset({".gitattributes", README})
 SPACE_SDK = "gradio"
 # Written into the description of every commit that carries our README; see `_remote_readme_state`.
 README_MARKER = "defectclip-readme-sha1"
@@ -149,10 +150,19 @@ def _commit_text(repo_type: str, files: list[LocalFile], readme_sha1: str | None
     return title, description
 
 
+def stale_remote_files(api, repo_id: str, repo_type: str, head: str, local: set[str]) -> list[str]:
+    """Files on the Hub that the new version does not have (an old metrics.json, a renamed shard): a push that
+    kept them would publish an artifact that never existed locally. `.gitattributes` and README.md (decided
+    apart) stay."""
+    remote = api.list_repo_files(repo_id, repo_type=repo_type, revision=head)
+    return sorted(path for path in remote if path not in local and path not in KEPT_REMOTE_FILES)
+
+
 def _push_once(api, folder_files: list[LocalFile], repo_id: str, repo_type: str, *, force: bool,
-               private: bool | None, commit_message: str | None, echo: Callable[[str], None]) -> PushResult:
+               private: bool | None, commit_message: str | None, echo: Callable[[str], None],
+               delete_stale: bool = False) -> PushResult:
     """Create the repo if needed, decide about README.md, and make one commit. Safe to call again on failure."""
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True,
                     space_sdk=SPACE_SDK if repo_type == "space" else None)
@@ -173,6 +183,11 @@ def _push_once(api, folder_files: list[LocalFile], repo_id: str, repo_type: str,
                                       commit_message)
     # Fresh operations on every attempt: huggingface_hub mutates them while committing.
     operations = [CommitOperationAdd(f.path_in_repo, str(f.local_path)) for f in to_upload]
+    if delete_stale:
+        stale = stale_remote_files(api, repo_id, repo_type, head, {f.path_in_repo for f in folder_files})
+        operations += [CommitOperationDelete(path) for path in stale]
+        if stale:
+            echo(f"Deleting {len(stale)} file(s) the new version no longer has: {', '.join(stale)}")
     # parent_commit makes the Hub refuse the commit if someone committed after our README check.
     info = api.create_commit(repo_id, operations, commit_message=title, commit_description=description,
                              repo_type=repo_type, parent_commit=head)
@@ -226,6 +241,7 @@ def push_folder(
     token: str | None = None,
     commit_message: str | None = None,
     endpoint: str | None = None,
+    delete_stale: bool = True,
     retry: RetryPolicy = RetryPolicy(),
     echo: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
@@ -235,7 +251,8 @@ def push_folder(
     `repo_id` without a namespace goes to $DEFECTCLIP_ORG (default `defectclip`). `dry_run` lists the files
     through `echo` and makes no network call. A README.md edited on the Hub is kept unless `force`.
     `private` applies when the repo is created; `token` and `endpoint` default to huggingface_hub's own
-    (HF_TOKEN / the saved login, HF_ENDPOINT).
+    (HF_TOKEN / the saved login, HF_ENDPOINT). `delete_stale` (default) deletes, in the same commit, remote files the
+    folder does not have (a README.md kept as edited on the Hub stays).
     """
     if repo_type not in REPO_TYPES:
         raise ValueError(f"repo_type must be one of {REPO_TYPES}, got {repo_type!r}")
@@ -252,7 +269,7 @@ def push_folder(
     api = HfApi(endpoint=endpoint, token=token, library_name="defectclip")
     result = with_retries(
         lambda: _push_once(api, files, repo_id, repo_type, force=force, private=private,
-                           commit_message=commit_message, echo=echo),
+                           commit_message=commit_message, echo=echo, delete_stale=delete_stale),
         retry, echo, sleep,
     )
     pushed = len(files) - (1 if result.readme_kept else 0)
