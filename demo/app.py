@@ -113,9 +113,9 @@ def view_outputs(view: handlers.ScoreView, session: handlers.Session):
     if view.threshold is None:
         slider = gr.update()
     else:
-        top = max(view.model_threshold * 3, (view.score or 0) * 1.5, 1e-3)
         step = slider_step(view.model_threshold)
-        slider = gr.update(value=round(view.threshold, 6), minimum=0.0, maximum=round(top, 6), step=step)
+        top = max(view.model_threshold * 3, (view.score or 0) * 1.5, 1e-3)
+        slider = gr.update(value=on_step(view.threshold, step), minimum=0.0, maximum=on_step(top, step), step=step)
     return (view.picture, view.legend, view.score_text, view.verdict, view.model_label, slider, view.message,
             None, None, None, EMPTY_TABLE, session)
 
@@ -123,7 +123,14 @@ def view_outputs(view: handlers.ScoreView, session: handlers.Session):
 def threshold_outputs(view: handlers.ScoreView, session: handlers.Session, with_slider: bool = False):
     """After a threshold change: regions changed, so captions and the table are cleared."""
     values = (view.picture, view.verdict, view.message, None, EMPTY_TABLE, session)
-    return ((round(view.threshold, 6),) + values) if with_slider else values
+    return ((on_step(view.threshold, slider_step(view.model_threshold)),) + values) if with_slider else values
+
+
+def on_step(value: float, step: float) -> float:
+    """A value rounded to the slider's step, so the slider shows 31.79, not 31.786178588867188."""
+    import math
+
+    return round(round(value / step) * step, max(0, -math.floor(math.log10(step))))
 
 
 def build_demo(pipeline: InspectionPipeline) -> gr.Blocks:
@@ -190,6 +197,10 @@ def build_demo(pipeline: InspectionPipeline) -> gr.Blocks:
                 object_choice = gr.Dropdown(objects, value=objects[0] if objects else None, elem_id="object",
                                             label="Object (few-shot / reference-free)", allow_custom_value=True)
                 score_button = gr.Button("Score", variant="primary", elem_id="score")
+                if EXAMPLES_DIR.is_dir():
+                    gr.Examples(sorted(str(p) for p in EXAMPLES_DIR.glob("*.png")), inputs=[upload],
+                                elem_id="examples", examples_per_page=10,
+                                label="Examples: click one to score it (provenance: demo/examples/README.md)")
             with gr.Column(scale=2, min_width=420):
                 picture = gr.Image(label="Heatmap (click a region)", interactive=False, elem_id="heatmap",
                                    format="png", height=520)
@@ -216,10 +227,6 @@ def build_demo(pipeline: InspectionPipeline) -> gr.Blocks:
         table = gr.Dataframe(value=EMPTY_TABLE, headers=handlers.TABLE_HEADERS, label="All regions",
                              elem_id="all-regions", wrap=True, interactive=False,
                              column_widths=["6%", "12%", "14%", "54%", "14%"])
-        if EXAMPLES_DIR.is_dir():
-            examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.png"))
-            gr.Examples(examples, inputs=[upload], elem_id="examples",
-                        label="Examples (click one to score it; see demo/examples/README.md for provenance)")
 
         score_inputs = [upload, model, references, object_choice, session]
         result_outputs = [picture, legend, score_box, verdict_box, model_box, threshold, message, captions, x_box,

@@ -226,7 +226,7 @@ def test_gradio_client_scores_and_describes(running_app, pipeline, defect_png):
     _picture, ranked = client.predict(32, 27, api_name="/describe_point")
     assert ranked["label"] in CANDIDATES and len(ranked["confidences"]) == 3
     threshold, _picture, verdict, *_ = client.predict(api_name="/reset_threshold")
-    assert threshold == pytest.approx(pipeline.model(PATCHCORE).threshold, abs=1e-6) and verdict.startswith("DEFECT")
+    assert threshold == pytest.approx(pipeline.model(PATCHCORE).threshold, rel=1e-3) and verdict.startswith("DEFECT")
 
 
 def test_bad_upload_over_http_gets_a_message_not_a_traceback(running_app, tmp_path):
