@@ -38,6 +38,10 @@ USER_ERRORS = (ValueError, DataError, FileNotFoundError)  # ours all derive from
 # CACHE_SWEEP_S (a re-score reuses the decoded image held in the session, not the uploaded file).
 CACHE_SWEEP_S, CACHE_MAX_AGE_S = 300, 900
 SESSION_TTL_S = 3600  # a tab idle this long loses its result (Gradio also drops it when the tab closes)
+# Gradio keeps every session's state (and a closed tab's for an hour): beyond this many sessions the least
+# recently used is dropped, so memory stays bounded (a session holds one image, its map and region labels:
+# about 10 MB at the 1024-px upload limit, 0.3 MB at 256 px).
+SESSION_CAPACITY = 200
 GPU_MODEL_CALLS = ("score", "describe", "fit_few_shot")
 
 
@@ -256,6 +260,7 @@ def main() -> int:
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
         max_file_size=MAX_UPLOAD_BYTES,
+        state_session_capacity=SESSION_CAPACITY,
     )
     return 0
 

@@ -11,7 +11,7 @@ Every action that changes the image, the model or the threshold returns a comple
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,8 +43,25 @@ class Session:
     few_shot: InspectionModel | None = None
     few_shot_key: str = ""
     selected: np.ndarray | None = None
-    regions: list = field(default_factory=list)
+    region_labels: np.ndarray | None = None  # 0 = none, i = region i (one small label image, not one mask each)
     scale: int = 1  # the displayed picture is the image enlarged by this whole factor
+
+    @property
+    def regions(self) -> list[np.ndarray]:
+        """The predicted regions at the current threshold, largest first, as boolean masks."""
+        if self.region_labels is None:
+            return []
+        return [self.region_labels == index for index in range(1, int(self.region_labels.max()) + 1)]
+
+    @regions.setter
+    def regions(self, regions: list[np.ndarray]) -> None:
+        if not regions:
+            self.region_labels = None
+            return
+        labels = np.zeros(regions[0].shape, np.uint8)  # MAX_REGIONS < 256
+        for index, region in enumerate(regions, start=1):
+            labels[region] = index
+        self.region_labels = labels
 
     def forget_result(self) -> None:
         """Drop everything derived from the last scoring (the image itself stays for a re-score)."""
@@ -182,10 +199,11 @@ def render_session(pipeline: InspectionPipeline, session: Session, message: str)
     session.regions = pipeline.regions(result, threshold)[:MAX_REGIONS]
     model_threshold = result.threshold
     picture = enlarge(overlay(session.image, result.anomaly_map, model_threshold), session.scale)
-    selected_index = _index_of(session.regions, session.selected)
+    regions = session.regions
+    selected_index = _index_of(regions, session.selected)
     extra = session.selected if session.selected is not None and selected_index is None else None
-    picture = draw_outlines(picture, session.regions, selected_index, extra, session.scale)
-    count = len(session.regions)
+    picture = draw_outlines(picture, regions, selected_index, extra, session.scale)
+    count = len(regions)
     summary = f"{count} predicted defect region{'s' if count != 1 else ''}."
     if count:
         summary += " Click one to read what it is."

@@ -249,3 +249,17 @@ def test_the_cache_is_private_and_swept(running_app, defect_png):
     assert stat.S_IMODE(os.stat(cache).st_mode) & 0o077 == 0  # nobody else can read heatmaps or uploads
     assert any(files for _, _, files in os.walk(cache))
     assert demo.delete_cache is not None
+
+
+def test_session_state_is_bounded(pipeline, tmp_path):
+    """One label image instead of a mask per region, and at most MAX_REGIONS regions (a speckled image)."""
+    rng = np.random.default_rng(2)
+    image = textured_image(rng, (64, 64))
+    image[::8, ::8] = 255  # many small bright dots: many regions at a low threshold
+    session = handlers.Session()
+    handlers.score_upload(pipeline, session, str(save_png(image, tmp_path / "dots.png")), PATCHCORE)
+    handlers.change_threshold(pipeline, session, 0.0)
+    assert session.region_labels.dtype == np.uint8 and session.region_labels.shape == (64, 64)
+    assert 1 <= len(session.regions) <= handlers.MAX_REGIONS
+    session.regions = [np.eye(64, dtype=bool)] * 0
+    assert session.region_labels is None and session.regions == []
