@@ -229,7 +229,9 @@ def main(argv=None) -> int:
     pipeline = InspectionPipeline.from_folder(args.models).to(device)
     model = pipeline.model_names[0]
     paths = test_images(args.size, max(args.clients, 10))
-    results = {"machine": machine(args.threads), "device": device, "models": str(args.models), "model": model,
+    shown_models = args.models.resolve()
+    shown_models = shown_models.relative_to(ROOT) if shown_models.is_relative_to(ROOT) else shown_models
+    results = {"machine": machine(args.threads), "device": device, "models": str(shown_models), "model": model,
                "image_size": args.size, "data": "magnetic_tile test defects (subset, resized)"}
     results.update(bench_handlers(pipeline, paths, args.repeats))
     print(json.dumps({k: results[k] for k in ("machine", "upload_to_heatmap", "click_to_caption")}), flush=True)

@@ -193,7 +193,7 @@ def build_demo(pipeline: InspectionPipeline) -> gr.Blocks:
             "**click a highlighted region** to read what the defect is."
         )
         with gr.Row():
-            with gr.Column(scale=1, min_width=320):
+            with gr.Column(scale=2, min_width=400):
                 upload = gr.File(label="Image to inspect", type="filepath", elem_id="upload")
                 model = gr.Dropdown(models, value=models[0], label="Inspection model", elem_id="model")
                 references = gr.File(label="Few-shot: 1-16 normal reference images", file_count="multiple",
@@ -205,7 +205,7 @@ def build_demo(pipeline: InspectionPipeline) -> gr.Blocks:
                     gr.Examples(sorted(str(p) for p in EXAMPLES_DIR.glob("*.png")), inputs=[upload],
                                 elem_id="examples", examples_per_page=10,
                                 label="Examples: click one to score it (provenance: demo/examples/README.md)")
-            with gr.Column(scale=2, min_width=420):
+            with gr.Column(scale=4, min_width=420):
                 picture = gr.Image(label="Heatmap (click a region)", interactive=False, elem_id="heatmap",
                                    format="png", height=520)
                 legend = gr.HTML(legend_html(None), elem_id="legend")
@@ -220,7 +220,7 @@ def build_demo(pipeline: InspectionPipeline) -> gr.Blocks:
                                           buttons=[], scale=5)
                     reset = gr.Button("↺ model threshold", elem_id="threshold-reset", scale=1, min_width=120)
                 message = gr.Textbox(label="Regions", elem_id="message", interactive=False, lines=2)
-            with gr.Column(scale=1, min_width=300):
+            with gr.Column(scale=2, min_width=280):
                 captions = gr.Label(num_top_classes=handlers.CAPTIONS_SHOWN, label="What is this region?",
                                     elem_id="captions")
                 with gr.Row():

@@ -130,9 +130,21 @@ def test_upload_click_read_the_caption_and_the_legend_is_shown(page, served, tmp
 
     folder = os.environ.get("DEFECTCLIP_SCREENSHOT_MODELS")
     examples = sorted((Path(__file__).resolve().parents[1] / "demo" / "examples").glob("*crack*.png"))
-    if folder:  # the README's screenshot: a real model on a real example
+    if folder:  # the README's screenshot: a real model on a real example, its largest region clicked
         upload(page, examples[0])
-        expect(verdict(page)).to_have_value(re.compile("^(DEFECT|OK)"), timeout=WAIT_MS)
+        expect(verdict(page)).to_have_value(re.compile("^DEFECT"), timeout=WAIT_MS)
+        from demo.render import read_upload
+
+        pipeline = served[1]
+        image = read_upload(examples[0])
+        largest = pipeline.regions(pipeline.score(image, pipeline.model_names[0]))[0]
+        ys, xs = np.nonzero(largest)
+        heatmap = page.locator("#heatmap img")
+        box = heatmap.bounding_box()
+        height, width = image.shape[:2]
+        heatmap.click(position={"x": box["width"] * (xs.mean() + 0.5) / width,
+                                "y": box["height"] * (ys.mean() + 0.5) / height})
+        expect(page.locator("#captions")).to_contain_text("magnetic tile", timeout=WAIT_MS)
         page.locator("#describe-all").click()
         expect(page.locator("#all-regions")).to_contain_text("%", timeout=WAIT_MS)
     else:
