@@ -263,3 +263,28 @@ def test_session_state_is_bounded(pipeline, tmp_path):
     assert 1 <= len(session.regions) <= handlers.MAX_REGIONS
     session.regions = [np.eye(64, dtype=bool)] * 0
     assert session.region_labels is None and session.regions == []
+
+
+def test_old_cache_files_are_deleted(pipeline, defect_png, monkeypatch):
+    """delete_cache really sweeps: with a 1 s sweep and age, an upload's files are gone seconds later."""
+    import time
+
+    from gradio_client import Client
+
+    from demo import app as demo_app
+
+    monkeypatch.setattr(demo_app, "CACHE_SWEEP_S", 1)
+    monkeypatch.setattr(demo_app, "CACHE_MAX_AGE_S", 1)
+    demo = demo_app.build_demo(pipeline)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        _picture, *_ = _score(client, defect_png)
+        made = {path for files in demo.temp_file_sets for path in files}
+        assert made and all(os.path.exists(path) for path in made)
+        deadline = time.time() + 20
+        while time.time() < deadline and any(os.path.exists(path) for path in made):
+            time.sleep(0.5)
+        assert not any(os.path.exists(path) for path in made)
+    finally:
+        demo.close()
