@@ -19,7 +19,7 @@ from defectclip.alphaclip import AlphaDescriber
 from defectclip.artifacts import ArtifactError
 from defectclip.clip_ada import ClipADA, ClipADAConfig
 from defectclip.data import array_to_tensor
-from defectclip.pipeline import InspectionModel, InspectionPipeline
+from defectclip.pipeline import InspectionModel, InspectionPipeline, backbone_label, plain_model_name
 from defectclip.scoring import FeatureScorer, PaDiM, PatchCore
 from defectclip.tab import TABBackbone, TABConfig
 
@@ -109,7 +109,7 @@ def clip_ada_output(model: ClipADA):
 
 def pipeline_model() -> InspectionPipeline:
     scorer = fitted(PatchCore)()
-    name = f"{OBJECT} · patchcore · tiny:cnn"  # how a loaded pipeline names it: object · method · tower
+    name = plain_model_name(OBJECT, "patchcore", backbone_label("tiny:cnn"))  # how a loaded pipeline names it
     return InspectionPipeline({name: InspectionModel(name, OBJECT, "patchcore", scorer)}, describer_model(),
                               clip_ada_model())
 

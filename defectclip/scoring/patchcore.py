@@ -207,7 +207,7 @@ class PatchCore(FeatureScorer):
     >>> model = PatchCore("offline:efficientnet_lite0", image_size=256).fit(normal_images)
     >>> model.calibrate(val_images, val_labels)
     >>> results = model.predict(test_images)          # list of AnomalyResult
-    >>> model.save("runs/patchcore-tile"); PatchCore.load("runs/patchcore-tile")
+    >>> model.save_pretrained("runs/patchcore-tile"); PatchCore.from_pretrained("runs/patchcore-tile")
     """
 
     model_type = "patchcore"
