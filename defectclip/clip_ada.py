@@ -19,7 +19,7 @@ Artifact: `config.json` (tower specs, layer, prompt, refinement steps, preproces
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +32,7 @@ from scipy.ndimage import gaussian_filter
 from .data.images import image_to_tensor
 from .data.transforms import Preprocess, build_transform
 from .artifacts import Artifact
-from .io import read_json, write_json_atomic
+from .io import read_json, unknown_keys, write_json_atomic
 from .results import AnomalyResult
 from .towers import TextTower, Tokens, VisionTower, build_text_tower, build_vision_tower
 
@@ -100,8 +100,7 @@ class ClipADAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClipADAConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown, known = unknown_keys(cls, data)
         if unknown:
             raise ValueError(f"Unknown CLIP-ADA config keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)

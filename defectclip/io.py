@@ -56,3 +56,12 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the artifact may be damaged.") from err
+
+
+def unknown_keys(cls, data: dict) -> tuple[list[str], set[str]]:
+    """The keys of `data` that the dataclass `cls` has no field for (sorted), and its field names: every saved
+    config refuses keys it does not know rather than silently dropping what a newer version wrote."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    return sorted(set(data) - known), known

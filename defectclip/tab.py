@@ -18,7 +18,7 @@ columns are [normal class vectors of the K objects; abnormal class vectors of th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .data import load_image_array, normalize
 from .data.transforms import Preprocess
 from .artifacts import Artifact
-from .io import read_json, write_json_atomic
+from .io import read_json, unknown_keys, write_json_atomic
 from .prompts import PromptSettings
 from .synth import SYNTHESES as SYNTHESIS_METHODS, synthesize
 from .towers import VisionTower, build_vision_tower
@@ -83,8 +83,7 @@ class TABConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TABConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown, _ = unknown_keys(cls, data)
         if unknown:
             raise TABError(f"{CONFIG_NAME} has unknown keys {unknown}: written by a newer defectclip?")
         try:

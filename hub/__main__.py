@@ -34,6 +34,9 @@ def _add_push_command(subparsers, command: str, repo_type: str) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
     parser.add_argument("--message", default=None, help="commit title (default: a generated one)")
+    parser.add_argument("--keep-remote-files", action="store_true",
+                        help="keep files on the Hub that the folder does not have (default: the commit deletes them, "
+                             "so the repo holds exactly the new version)")
     parser.add_argument("--attempts", type=int, default=RetryPolicy.attempts,
                         help="tries in all when the network or the Hub fails (default %(default)s)")
     parser.add_argument("--retry-delay", type=float, default=RetryPolicy.base_delay,
@@ -124,6 +127,7 @@ def _run_push(args: argparse.Namespace) -> int:
         private=True if args.private else None,
         token=args.token,
         commit_message=args.message,
+        delete_stale=not args.keep_remote_files,
         retry=RetryPolicy(attempts=max(args.attempts, 1), base_delay=args.retry_delay),
     )
     if args.repo_type == "space":  # a Space is created with its hardware requested

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from defectclip.captions import candidate_captions
 from defectclip.data import GOOD, DataError, IndexMaskDataset, SampleRef, load_image_array, open_dataset
@@ -70,6 +68,8 @@ CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md
 PARQUET_SHARD_BYTES = 400 * 1024 * 1024  # the Hub's dataset viewer prefers shards below ~500 MB
 TRANSPLANT_PREFIX = "transplant:"
 LICENSE_FILE = "LICENSE.md"  # the card's license_link points here
+DATASET_DICT_FILE = "dataset_dict.json"
+EXTRA_FILES = ("README.md", CANDIDATES_FILE, STATS_FILE, LICENSE_FILE)  # pushed beside the Parquet shards
 TRANSPLANT_CANVASES = 5  # normal images tried per transplanted defect before giving up
 
 
@@ -456,8 +456,10 @@ def render_card(stats: dict, candidates: dict[str, list[str]], config: BuildConf
         size_categories=size_category(sum(s["images"] for s in stats["splits"].values())),
         task_categories=["image-to-text", "image-segmentation"],
         tags=["industrial-anomaly-detection", "defect-detection", "region-captioning", "defectclip"],
+        # The build folder's own Arrow files, so `load_dataset(<folder>)` reads it as built; a push replaces
+        # them with its Parquet shards (DatasetDict.push_to_hub writes the configs on the Hub).
         configs=[{"config_name": "default",
-                  "data_files": [{"split": s, "path": f"data/{s}-*.parquet"}
+                  "data_files": [{"split": s, "path": f"{s}/data-*.arrow"}
                                  for s, counts in stats["splits"].items() if counts["images"]]}],
     )
     return DatasetCard.from_template(
@@ -580,38 +582,49 @@ def build_dataset(config: BuildConfig, info: SourceInfo | None = None) -> dict:
 # ------------------------------------------------------------------------------------------- push
 
 
-def export_for_hub(out_dir: Path, staging: Path) -> Path:
-    """Write the built dataset as Parquet shards `data/<split>-NNNNN-of-NNNNN.parquet` plus README.md,
-    candidates.json and stats.json: the layout `load_dataset("<org>/<name>")` reads (the card's `configs`
-    point at it). The save_to_disk folder itself is not pushed: its per-split JSON state files would make
-    the Hub guess the wrong file format."""
-    from datasets import load_from_disk
-
-    if not (out_dir / "dataset_dict.json").is_file():
-        raise DataError(f"{out_dir} is not a built dataset (no dataset_dict.json); run `build` first.")
-    saved = load_from_disk(str(out_dir))
-    (staging / "data").mkdir(parents=True, exist_ok=True)
-    for split, dataset in saved.items():
-        if len(dataset) == 0:
-            continue  # the card's `configs` leave empty splits out too
-        shards = max(1, math.ceil(dataset.data.nbytes / PARQUET_SHARD_BYTES))
-        for index in range(shards):
-            part = dataset.shard(shards, index, contiguous=True)
-            part.to_parquet(str(staging / "data" / f"{split}-{index:05d}-of-{shards:05d}.parquet"))
-    for name in ("README.md", CANDIDATES_FILE, STATS_FILE, LICENSE_FILE):
-        if (out_dir / name).is_file():
-            shutil.copy2(out_dir / name, staging / name)
-    return staging
-
-
 def push_dataset(out_dir: str | Path, repo_id: str, *, dry_run: bool = False, force: bool = False,
-                 private: bool | None = None, token: str | None = None):
-    """Export to Parquet in a temporary folder and upload it as one commit with defectclip.sharing.push_folder."""
-    from defectclip.sharing.push import push_folder  # imported here: building needs no Hub client
+                 private: bool | None = None, token: str | None = None, echo=print):
+    """Push a built dataset: `DatasetDict.push_to_hub` writes the Parquet shards (data/<split>-*.parquet, empty
+    splits left out), the card's `configs` and `dataset_info`; then one commit adds the card with that
+    metadata, candidates.json, stats.json and LICENSE.md. A README.md edited on the Hub is kept unless `force`.
+    """
+    from datasets import DatasetDict, load_from_disk
 
+    from defectclip.sharing.push import push_folder, remote_readme_is_ours, resolve_repo_id
+
+    out_dir, repo_id = Path(out_dir), resolve_repo_id(repo_id)
+    if not (out_dir / DATASET_DICT_FILE).is_file():
+        raise DataError(f"{out_dir} is not a built dataset (no {DATASET_DICT_FILE}); run `build` first.")
+    saved = load_from_disk(str(out_dir))
+    splits = DatasetDict({split: data for split, data in saved.items() if len(data)})
+    if dry_run:
+        echo(f"Dry run: would push splits {', '.join(f'{s} ({len(d)} rows)' for s, d in splits.items())} and "
+             f"{', '.join(EXTRA_FILES)} from {out_dir} to dataset {repo_id}")
+        return None
+    replace_readme = force or remote_readme_is_ours(repo_id, "dataset", token)
+    splits.push_to_hub(repo_id, private=private, token=token, max_shard_size=PARQUET_SHARD_BYTES,
+                       commit_message=f"Upload {len(splits)} split(s) with defectclip")
     with tempfile.TemporaryDirectory(prefix="defectclip-push-") as staging:
-        export_for_hub(Path(out_dir), Path(staging))
-        return push_folder(staging, repo_id, "dataset", dry_run=dry_run, force=force, private=private, token=token)
+        for name in EXTRA_FILES:
+            if (out_dir / name).is_file():
+                shutil.copy2(out_dir / name, Path(staging) / name)
+        merge_hub_metadata(Path(staging) / "README.md", repo_id, token)
+        return push_folder(staging, repo_id, "dataset", force=replace_readme, private=private, token=token,
+                           delete_stale=False, echo=echo)
+
+
+def merge_hub_metadata(readme: Path, repo_id: str, token: str | None) -> None:
+    """Our card, with the `configs` and `dataset_info` that DatasetDict.push_to_hub just wrote on the Hub."""
+    from huggingface_hub import DatasetCard
+
+    if not readme.is_file():
+        return
+    remote = DatasetCard.load(repo_id, repo_type="dataset", token=token).data
+    card = DatasetCard.load(readme)
+    for key in ("configs", "dataset_info"):
+        if remote.get(key) is not None:
+            card.data[key] = remote.get(key)
+    card.save(str(readme))
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -646,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--source-url", default=None, help="where the underlying data is published")
     build.set_defaults(handler=_run_build)
 
-    push = commands.add_parser("push", help="upload a built dataset to the Hub (as Parquet) in one commit")
+    push = commands.add_parser("push", help="upload a built dataset to the Hub: Parquet shards (DatasetDict.push_to_hub), "
+                               "then the card, candidates, stats and licence")
     push.add_argument("out_dir", type=Path, help="a folder written by `build`")
     push.add_argument("repo", help="'<namespace>/<name>', or '<name>' for $DEFECTCLIP_ORG")
     push.add_argument("--dry-run", action="store_true", help="list the files; touch no network")

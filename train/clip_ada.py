@@ -30,19 +30,7 @@ from defectclip.io import write_json_atomic
 from defectclip.synth import SYNTHESES, synthesize
 if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.common import (  # noqa: E402
-    add_common_args,
-    batches_from,
-    check_common_args,
-    known_sources,
-    make_accelerator,
-    make_scheduler,
-    push_trained,
-    resume_if_asked,
-    seed_everything,
-    total_steps,
-    train_loop,
-)
+from train import common  # noqa: E402
 
 ARTIFACT_DIR = "model"
 METRICS_FILE = "metrics.json"
@@ -74,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on projection weights")
     loss.add_argument("--calibration-images", type=int, default=64, help="train/good images for the threshold (0: keep 0.5)")
     loss.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of normal scores used as threshold")
-    add_common_args(parser, batch_size=16, lr=1e-3)
+    common.add_common_args(parser, batch_size=16, lr=1e-3)
     return parser
 
 
@@ -85,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    check_common_args(args)
+    common.check_common_args(args)
     if not 0.0 <= args.anomaly_prob <= 1.0:
         raise SystemExit(f"--anomaly-prob must be in [0, 1], got {args.anomaly_prob}")
     if args.n_ctx < 1:
@@ -261,30 +249,30 @@ def finish(accelerator, model, paths: list[Path], args, progress, losses: list[f
         metrics["scale"] = float(model.scale.detach())
         model.save_pretrained(args.output_dir / ARTIFACT_DIR)
         write_json_atomic(args.output_dir / METRICS_FILE, metrics)
-    push_trained(model, args, accelerator, training_data=known_sources(args.data))
+    common.push_trained(model, args, accelerator, training_data=common.known_sources(args.data))
     accelerator.wait_for_everyone()
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    seed_everything(args.seed)
-    accelerator, progress = make_accelerator(args, "clip_ada")
+    common.seed_everything(args.seed)
+    accelerator, progress = common.make_accelerator(args, "clip_ada")
     model = ClipADA(model_config(args))
     paths = list_normal_images(args.data)
     dataset = SyntheticAnomalies(paths, model.preprocess, args.synthesis, args.anomaly_prob, args.seed)
     generator = torch.Generator()
     loader = make_loader(dataset, args, generator)
     optimizer = make_optimizer(model, args)
-    last_step = total_steps(args, len(loader))
-    scheduler = make_scheduler("multistep", optimizer, last_step, accelerator.num_processes,
+    last_step = common.total_steps(args, len(loader))
+    scheduler = common.make_scheduler("multistep", optimizer, last_step, accelerator.num_processes,
                                milestones=LR_MILESTONES, gamma=LR_DECAY)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    resume_if_asked(accelerator, args)
+    common.resume_if_asked(accelerator, args)
     started = time.perf_counter()
-    batches = batches_from(loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed)
+    batches = common.batches_from(loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed)
     model.train()
-    losses = train_loop(accelerator, progress, model, optimizer, scheduler, batches,
+    losses = common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
                         partial(segmentation_loss, model=model, args=args), args, last_step, "clip-ada")
     metrics = finish(accelerator, model, paths, args, progress, losses, time.perf_counter() - started)
     accelerator.end_training()

@@ -32,20 +32,7 @@ from defectclip.tab import (
 from defectclip.towers import TowerError, build_text_tower, build_vision_tower
 if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train.common import (  # noqa: E402
-    add_common_args,
-    batches_from,
-    check_common_args,
-    checkpoint_dir,
-    known_sources,
-    make_accelerator,
-    make_scheduler,
-    push_trained,
-    resume_if_asked,
-    seed_everything,
-    total_steps,
-    train_loop,
-)
+from train import common  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
@@ -85,9 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "still train). On by default: on magnetic_tile (one category, 16 images a step) the "
                           "trunk then matched or beat its ImageNet start in PatchCore and PaDiM, and fell "
                           "5-13 image-AUROC points below it without (benchmarks/results/tab.md)")
-    add_common_args(parser, batch_size=32, lr=0.01)
+    common.add_common_args(parser, batch_size=32, lr=0.01)
     args = parser.parse_args(argv)
-    check_common_args(args)
+    common.check_common_args(args)
     if args.image_size is not None and args.image_size < 32:
         raise SystemExit(f"--image-size must be at least 32 pixels, got {args.image_size}")
     check_fresh_output(args)
@@ -96,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_fresh_output(args: argparse.Namespace) -> None:
     """A new run into a folder that holds checkpoints would fail at its first save; say so at once."""
-    if not args.resume and any(checkpoint_dir(args.output_dir).glob("checkpoint_*")):
-        raise SystemExit(f"{checkpoint_dir(args.output_dir)} already holds checkpoints: pass --resume latest to "
+    if not args.resume and any(common.checkpoint_dir(args.output_dir).glob("checkpoint_*")):
+        raise SystemExit(f"{common.checkpoint_dir(args.output_dir)} already holds checkpoints: pass --resume latest to "
                          "continue that run, or choose another --output-dir.")
 
 
@@ -172,13 +159,13 @@ def run_steps(accelerator, progress, model, optimizer, scheduler, loader, sample
     """Train until `total` optimizer steps; returns each step's loss, micro-batches run and seconds taken."""
     preprocess = accelerator.unwrap_model(model).preprocess
     start_batch = progress.step * args.gradient_accumulation_steps
-    batches = CountingIterator(batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch,
+    batches = CountingIterator(common.batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch,
                                    seed=args.seed))
     model.train()
     if args.freeze_bn:
         freeze_batchnorm_statistics(model)
     started = time.perf_counter()
-    losses = train_loop(accelerator, progress, model, optimizer, scheduler, batches,
+    losses = common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
                         lambda batch, step: pair_loss(model, batch, text_vectors, args.loss, preprocess),
                         args, total, "TAB")
     return losses, batches.count, time.perf_counter() - started
@@ -267,23 +254,23 @@ def prepare_training(args, accelerator):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator, progress = make_accelerator(args, "tab_pretrain")
-    seed_everything(args.seed)
+    accelerator, progress = common.make_accelerator(args, "tab_pretrain")
+    common.seed_everything(args.seed)
     model, dataset, text_vectors = prepare_training(args, accelerator)
     plain_loader = build_loader(dataset, args, torch.Generator())
     loader = accelerator.prepare(plain_loader)
-    total = total_steps(args, len(loader))
+    total = common.total_steps(args, len(loader))
     optimizer = build_optimizer(args, model)
-    scheduler = make_scheduler(args.lr_schedule, optimizer, total, accelerator.num_processes)
+    scheduler = common.make_scheduler(args.lr_schedule, optimizer, total, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    resume_if_asked(accelerator, args)
+    common.resume_if_asked(accelerator, args)
     losses, micro_batches, seconds = run_steps(accelerator, progress, model, optimizer, scheduler, loader,
                                                plain_loader.sampler, text_vectors, args, total)
     metrics = run_metrics(losses, progress, micro_batches, seconds, args, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_artifact(accelerator.unwrap_model(model), args.output_dir, metrics, progress.step)
-    push_trained(accelerator.unwrap_model(model), args, accelerator, training_data=known_sources(args.data))
+    common.push_trained(accelerator.unwrap_model(model), args, accelerator, training_data=common.known_sources(args.data))
     accelerator.end_training()
     return metrics
 

@@ -16,7 +16,6 @@ around the model itself lives here:
 from __future__ import annotations
 
 import abc
-import json
 import math
 import weakref
 from dataclasses import dataclass
@@ -464,13 +463,15 @@ class FeatureScorer(Artifact, abc.ABC):
     """Base of PatchCore and PaDiM: input handling, batching, maps, calibration, save/load.
 
     Subclasses set `model_type`, `default_reductions`, `local_average`, and implement `_fit_batches`,
-    `_score_patches`, `_state_tensors`, `_set_state`, `_method_config` and `_from_config`.
+    `_score_patches`, `_state_tensors`, `_set_state` and `_method_config`; `constructor_keys` names the
+    saved config entries their constructor takes besides the shared ones.
     """
 
     model_type: ClassVar[str]
     default_reductions: ClassVar[tuple[int, ...]]
     local_average: ClassVar[bool]
     method_config_keys: ClassVar[set[str]]
+    constructor_keys: ClassVar[tuple[str, ...]]
     state_keys: ClassVar[set[str]]
 
     def __init__(
@@ -644,9 +645,11 @@ class FeatureScorer(Artifact, abc.ABC):
         """The method's own config.json entries."""
 
     @classmethod
-    @abc.abstractmethod
     def _from_config(cls, config: dict[str, Any], tower: VisionTower, preprocess: Preprocess, device) -> "FeatureScorer":
         """Construct the method's scorer from a saved config, before its state is set."""
+        own = {key: config[key] for key in cls.constructor_keys}
+        return cls(tower, layers=config["layers"], image_size=preprocess.size, sigma=config["sigma"],
+                   seed=config["seed"], device=device, **own)
 
 
 BASE_CONFIG_KEYS = {

@@ -20,7 +20,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..data import Preprocess
 from ..towers import OFFLINE_VISION, VisionTower
 from .common import DEFAULT_SIGMA, FeatureScorer, ScoringError
 
@@ -215,6 +214,7 @@ class PatchCore(FeatureScorer):
     local_average = True
     method_config_keys = {"coreset_ratio", "projection_dim", "reweight", "num_neighbors", "bank_size", "feature_dim", "coreset_radius"}
     state_keys = {"memory_bank"}
+    constructor_keys = ("coreset_ratio", "projection_dim", "reweight", "num_neighbors")
 
     def __init__(
         self,
@@ -285,20 +285,6 @@ class PatchCore(FeatureScorer):
             "coreset_radius": self.coreset_radius,
         }
 
-    @classmethod
-    def _from_config(cls, config: dict[str, Any], tower: VisionTower, preprocess: Preprocess, device) -> "PatchCore":
-        return cls(
-            tower,
-            layers=config["layers"],
-            image_size=preprocess.size,
-            coreset_ratio=config["coreset_ratio"],
-            projection_dim=config["projection_dim"],
-            sigma=config["sigma"],
-            reweight=config["reweight"],
-            num_neighbors=config["num_neighbors"],
-            seed=config["seed"],
-            device=device,
-        )
 
 
 def flatten_patches(embedding: torch.Tensor) -> torch.Tensor:

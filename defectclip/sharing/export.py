@@ -20,6 +20,7 @@ Sources are a saved folder or an in-memory model; a folder is loaded first, whic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import shutil
@@ -29,13 +30,13 @@ from typing import Any
 
 import torch
 
-from ..alphaclip import AlphaDescriber
+from ..alphaclip import OFFICIAL_WEIGHTS, AlphaDescriber
 from ..clip_ada import ClipADA
 from ..io import atomic_dir, read_json, write_json_atomic
 from ..scoring import FeatureScorer, default_layers
 from ..tab import TABBackbone
 from ..towers import split_spec
-from .cards import CardInfo, write_model_card
+from .cards import ALPHACLIP_WEIGHTS, CardInfo, write_model_card
 
 TOWER_DIR = "tower"
 BUNDLED_TOWER_SPEC = f"local-dir:{TOWER_DIR}"
@@ -232,15 +233,17 @@ def require_portable_specs(specs: Mapping[str, str], what: str) -> None:
 def export_describer(source: str | Path | AlphaDescriber, out: str | Path, card: CardInfo) -> Path:
     """Write an AlphaCLIP region describer (adapter, alpha conv, config with captions) with a card to `out`.
 
-    A describer initialised from official AlphaCLIP weights must say so: pass
-    `CardInfo(base_weights=(ALPHACLIP_WEIGHTS,))`, which makes the card CC BY-NC 4.0.
+    A describer whose tower was loaded from official AlphaCLIP weights (`load_alphaclip_checkpoint`) records
+    it in its config; its card then credits them and is CC BY-NC 4.0 without anyone having to say so.
     """
     describer = as_describer(source)
-    with atomic_dir(out) as staging:
-        facts = write_describer(describer, staging)
-        write_model_card(staging, "describer", card, facts, [facts["vision"], facts["text"]])
-        make_readable(staging)
-    return Path(out)
+    if describer_weights_from(describer) == OFFICIAL_WEIGHTS and ALPHACLIP_WEIGHTS not in card.base_weights:
+        card = dataclasses.replace(card, base_weights=(*card.base_weights, ALPHACLIP_WEIGHTS))
+    return export_with_towers(describer, out, card, "describer", write_describer)
+
+
+def describer_weights_from(describer: AlphaDescriber) -> str | None:
+    return getattr(describer.image, "weights_from", None) or describer.config.get("weights_from")
 
 
 def as_describer(source: str | Path | AlphaDescriber) -> AlphaDescriber:
@@ -272,10 +275,14 @@ def write_describer(describer: AlphaDescriber, folder: Path) -> dict[str, Any]:
 
 def export_clip_ada(source: str | Path | ClipADA, out: str | Path, card: CardInfo) -> Path:
     """Write a CLIP-ADA head (trainable tensors + config naming its towers) with a card to `out`."""
-    model = as_clip_ada(source)
+    return export_with_towers(as_clip_ada(source), out, card, "clip_ada", write_clip_ada)
+
+
+def export_with_towers(model: Any, out: str | Path, card: CardInfo, kind: str, write) -> Path:
+    """`write(model, folder)` -> facts naming the vision and text towers, whose base weights the card credits."""
     with atomic_dir(out) as staging:
-        facts = write_clip_ada(model, staging)
-        write_model_card(staging, "clip_ada", card, facts, [facts["vision"], facts["text"]])
+        facts = write(model, staging)
+        write_model_card(staging, kind, card, facts, [facts["vision"], facts["text"]])
         make_readable(staging)
     return Path(out)
 
@@ -334,7 +341,10 @@ def export_pipeline(
             facts["scorers"].append({"name": name, **scorer_facts_})
             specs.append(scorer_facts_["tower_spec_origin"])
         if describer is not None:
-            facts["describer"] = write_describer(as_describer(describer), staging / "describer")
+            describer = as_describer(describer)
+            if describer_weights_from(describer) == OFFICIAL_WEIGHTS and ALPHACLIP_WEIGHTS not in card.base_weights:
+                card = dataclasses.replace(card, base_weights=(*card.base_weights, ALPHACLIP_WEIGHTS))
+            facts["describer"] = write_describer(describer, staging / "describer")
             specs += [facts["describer"]["vision"], facts["describer"]["text"]]
         if clip_ada is not None:
             facts["clip_ada"] = write_clip_ada(as_clip_ada(clip_ada), staging / "clip_ada")

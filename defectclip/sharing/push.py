@@ -144,6 +144,21 @@ def _remote_readme_state(api, repo_id: str, repo_type: str, head: str, local_sha
     return "edited"
 
 
+def remote_readme_is_ours(repo_id: str, repo_type: str, token: str | None = None, endpoint: str | None = None) -> bool:
+    """True when the repo has no README.md, or the one defectclip last pushed and nobody edited since: a push
+    that lets another tool rewrite the README first (DatasetDict.push_to_hub adds its dataset_info) asks this
+    beforehand, and may then replace that README with its own card without overriding a person's edit."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="defectclip")
+    try:
+        head = api.repo_info(repo_id, repo_type=repo_type).sha
+    except RepositoryNotFoundError:
+        return True
+    return _remote_readme_state(api, repo_id, repo_type, head, local_sha1="") in ("absent", "ours")
+
+
 def _commit_text(repo_type: str, files: list[LocalFile], readme_sha1: str | None, message: str | None):
     title = message or f"Push {repo_type} with defectclip ({len(files)} file(s))"
     description = f"{README_MARKER}: {readme_sha1}" if readme_sha1 else ""
