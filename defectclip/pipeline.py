@@ -196,7 +196,12 @@ class InspectionPipeline:
 def _check_rgb(image: np.ndarray) -> np.ndarray:
     from .data.images import MAX_IMAGE_PIXELS
 
-    array = np.asarray(image)
+    if not isinstance(image, np.ndarray):
+        raise PipelineError(
+            f"Expected an H x W x 3 uint8 RGB image (numpy array), got a {type(image).__name__}; "
+            "read files with defectclip.data.load_image_array."
+        )
+    array = image
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise PipelineError(f"Expected an H x W x 3 uint8 RGB image, got {array.dtype} {array.shape}.")
     height, width = array.shape[:2]

@@ -227,14 +227,35 @@ def normal_subset(source: Any) -> Sequence[Any]:
     if labels is not None:
         images = torch.utils.data.Subset(images, [i for i, label in enumerate(labels) if label == 0])
     if len(images) == 0:
-        raise ScoringError("The normal (training) set is empty: fit needs at least one defect-free image.")
+        root = getattr(source, "root", None)
+        where = f" of {root} ({getattr(source, 'split', '?')} split)" if root is not None else ""
+        raise ScoringError(f"The normal (training) set{where} is empty: fit needs at least one defect-free image.")
     return images
 
 
-def iter_image_batches(images: Sequence[Any], batch_size: int) -> Iterator[list[torch.Tensor]]:
-    """Read images lazily, `batch_size` at a time, each as 3 x H x W in [0, 1] at its own size."""
+def iter_image_batches(images: Sequence[Any], batch_size: int, min_size: int = 1, spec: str = "") -> Iterator[list[torch.Tensor]]:
+    """Read images lazily, `batch_size` at a time, each as 3 x H x W in [0, 1] at its own size.
+
+    Each image is checked against the tower's smallest usable size here, where its file name (if it
+    came from one) is still known, so the error says which image is too small.
+    """
     for start in range(0, len(images), batch_size):
-        yield [as_image_tensor(images[i]) for i in range(start, min(start + batch_size, len(images)))]
+        batch = []
+        for index in range(start, min(start + batch_size, len(images))):
+            item = images[index]
+            image = as_image_tensor(item)
+            try:
+                check_image_size(image, min_size, spec)
+            except ScoringError as err:
+                raise ScoringError(f"{image_label(item, index)}: {err}") from None
+            batch.append(image)
+        yield batch
+
+
+def image_label(item: Any, index: int) -> str:
+    """How an error names one input image: its file when it has one, else its position."""
+    path = item if isinstance(item, (str, Path)) else getattr(item, "path", None)
+    return str(path) if isinstance(path, (str, Path)) else f"Image {index}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -618,7 +639,7 @@ class FeatureScorer(abc.ABC):
         return self
 
     def _feature_batches(self, images: Sequence[Any]) -> Iterator[torch.Tensor]:
-        for batch in iter_image_batches(images, self.batch_size):
+        for batch in iter_image_batches(images, self.batch_size, self.features.min_size, self.tower.spec):
             yield self.features(self.features.model_input(batch, self.device))
 
     @torch.no_grad()
@@ -627,7 +648,7 @@ class FeatureScorer(abc.ABC):
         self._require_fitted()
         threshold = math.inf if self.threshold is None else self.threshold
         results = []
-        for batch in iter_image_batches(as_image_source(images), self.batch_size):
+        for batch in iter_image_batches(as_image_source(images), self.batch_size, self.features.min_size, self.tower.spec):
             maps, scores = self._score_batch(batch)
             if not all(math.isfinite(score) for score in scores):
                 # A NaN score compares False with every threshold and would read as "normal".
