@@ -541,8 +541,13 @@ class AlphaDescriber(nn.Module):
         if config.get("format") != FORMAT:
             raise AlphaClipError(f"{folder} is not an AlphaCLIP describer folder (format {config.get('format')!r}).")
         vision, text = check_describer_config(config, folder, root, allow_absolute_tower)
-        describer = cls.build(vision, text, config.get("image_size"), config["projection_seed"],
-                              config["temperature"], config["candidates"])
+        try:
+            describer = cls.build(vision, text, config.get("image_size"), config["projection_seed"],
+                                  config["temperature"], config["candidates"])
+        except DefectclipError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged bundled tower fails inside timm / json
+            raise AlphaClipError(f"Cannot build the describer of {folder}: {type(err).__name__}: {err}") from err
         describer.config = dict(config)
         try:
             return describer._load_weights(folder, untuned, keep_head, merge_adapter)

@@ -34,7 +34,7 @@ from .data.transforms import Preprocess, build_transform
 from .errors import ArtifactError
 from .io import atomic_dir, read_json_object, read_safetensors, write_json_atomic
 from .results import AnomalyResult
-from .towers import TextTower, Tokens, VisionTower, build_text_tower, build_vision_tower, require_hub
+from .towers import TextTower, Tokens, TowerError, VisionTower, build_text_tower, build_vision_tower, require_hub
 
 MODEL_TYPE = "clip_ada"
 FORMAT_VERSION = 1
@@ -439,7 +439,12 @@ class ClipADA(nn.Module):
         if saved.get("model_type") != MODEL_TYPE:
             raise ArtifactError(f"{folder} holds a {saved.get('model_type')!r} model, not {MODEL_TYPE!r}.")
         config = check_saved_config(saved, folder, root, allow_absolute_tower)
-        model = cls(config, vision=vision, text=text)
+        try:
+            model = cls(config, vision=vision, text=text)
+        except (ArtifactError, TowerError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged bundled tower fails inside timm / json
+            raise ArtifactError(f"Cannot build the CLIP-ADA model of {folder}: {type(err).__name__}: {err}") from err
         if "preprocess" in saved:
             model.preprocess = Preprocess.from_dict(saved["preprocess"])
             model.transform = build_transform(model.preprocess)

@@ -531,7 +531,7 @@ def hostile_artifacts(folder: Path, patchcore_dir: Path, padim_dir: Path, marker
     return items
 
 
-def pipeline_roots(folder: Path, patchcore_dir: Path) -> list[Item]:
+def pipeline_roots(folder: Path, patchcore_dir: Path, tower_dir: Path, marker: Path) -> list[Item]:
     """Models folders (scorers/<name>/ + inspection.json) with damage the pipeline must name."""
     items = []
 
@@ -551,6 +551,22 @@ def pipeline_roots(folder: Path, patchcore_dir: Path) -> list[Item]:
     root("pipe_tower_absolute_outside", lambda r, s: edit_config(s, set_key("tower", f"local-dir:{outside}")))
     root("pipe_tower_relative_escape", lambda r, s: edit_config(s, set_key("tower", "local-dir:../../../outside_tower")))
     root("pipe_no_models", lambda r, s: shutil.rmtree(r / "scorers"))
+
+    def bundled(damage):
+        def mutate(r, s):  # the embedded default's layout: scorers/<name>/ names ../../tower
+            shutil.copytree(tower_dir, r / "tower")
+            edit_config(s, set_key("tower", "local-dir:../../tower"))
+            damage(r / "tower")
+        return mutate
+
+    root("pipe_bundled_tower_ok", bundled(lambda t: None), "ok")
+    root("pipe_bundled_tower_config_invalid", bundled(lambda t: (t / "config.json").write_text("{")))
+    root("pipe_bundled_tower_config_list", bundled(lambda t: (t / "config.json").write_text("[]")))
+    root("pipe_bundled_tower_weights_truncated",
+         bundled(lambda t: (t / "model.safetensors").write_bytes((t / "model.safetensors").read_bytes()[:200])))
+    root("pipe_bundled_tower_pickle_weights", bundled(lambda t: ((t / "model.safetensors").unlink(),
+                                                                 (t / "pytorch_model.bin").write_bytes(malicious_pickle(marker)))))
+    root("pipe_bundled_tower_missing", bundled(lambda t: shutil.rmtree(t)))
     root("pipe_clip_ada_bad_config", lambda r, s: (r / "clip_ada").mkdir() or (r / "clip_ada" / "config.json").write_text("[]"))
     root("pipe_describer_bad_config", lambda r, s: (r / "describer").mkdir() or (r / "describer" / "describer_config.json").write_text("{\"format\": 1}"))
     return items
@@ -561,11 +577,12 @@ def saved_models(tmp_path_factory, scorer):
     folder = tmp_path_factory.mktemp("models")
     rng = np.random.default_rng(1)
     padim = PaDiM(scorer.tower, image_size=64, device="cpu").fit([textured_image(rng, (64, 64)) for _ in range(3)])
-    return scorer.save(folder / "patchcore"), padim.save(folder / "padim")
+    scorer.tower.save_pretrained(folder / "tower")
+    return scorer.save(folder / "patchcore"), padim.save(folder / "padim"), folder / "tower"
 
 
 def test_hostile_artifact_folders(tmp_path, saved_models):
-    patchcore_dir, padim_dir = saved_models
+    patchcore_dir, padim_dir, tower_dir = saved_models
     marker = tmp_path / "EXECUTED"
     image = torch.rand(3, 64, 64)
 
@@ -582,7 +599,7 @@ def test_hostile_artifact_folders(tmp_path, saved_models):
                  for item in hostile_artifacts(tmp_path / "direct", patchcore_dir, padim_dir, marker)
                  if item.name.startswith("pc_") and item.name != "pc_model_type_other"]
     outcomes += [run_case(item, "InspectionPipeline.from_folder + score", pipeline_score)
-                 for item in pipeline_roots(tmp_path / "roots", patchcore_dir)]
+                 for item in pipeline_roots(tmp_path / "roots", patchcore_dir, tower_dir, marker)]
     outcomes += [run_case(item, "ClipADA.load", clip_ada_load) for item in clip_ada_artifacts(tmp_path / "clip_ada")]
     assert not marker.exists(), "a pickle in an artifact was executed"
     assert_no_failures(outcomes, minimum_items=60)

@@ -741,6 +741,8 @@ class FeatureScorer(abc.ABC):
             built = tower if tower is not None else build_vision_tower(spec)
         except TowerError as err:
             raise ScoringError(f"Cannot rebuild the tower of {folder}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - a damaged bundled tower folder fails in timm or json
+            raise ArtifactError(f"Cannot rebuild the tower {spec!r} of {folder}: {type(err).__name__}: {err}") from err
         preprocess = Preprocess.from_dict(config["preprocess"])
         try:
             scorer = cls._from_config(config, built, preprocess, device)
