@@ -89,6 +89,11 @@ def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
                 return ImageOps.exif_transpose(img)  # a new image, turned upright when EXIF says so
     except DataError:
         raise
+    except Image.DecompressionBombError:  # PIL's own guard fires in open() above 2 x its 89 MP limit
+        raise DataError(
+            f"Image {path} declares more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP; at most "
+            f"{max_pixels / 1e6:.0f} MP is read (defectclip.data.images.MAX_IMAGE_PIXELS)."
+        ) from None
     except MemoryError:
         raise DataError(f"Image {path} is too large to decode in the available memory.") from None
     except Exception as err:  # noqa: BLE001 - any decoder failure means the file is unreadable

@@ -226,7 +226,8 @@ class IndexMaskDataset(_SampleList):
     """`images/<split>/<id>.*`, `masks/<split>/<id>.png` (pixel = class index), `classes.json`.
 
     Images without a mask file are treated as normal; a mask that is all background also marks a
-    normal image.
+    normal image. The masks folder must exist (empty when every image is normal), and every file in
+    it must be the `<id>.png` of an image: a mask under another name would silently label its image normal.
     """
 
     def __init__(self, root: str | Path, split: str = "train"):
