@@ -157,4 +157,21 @@ def confine_local_dir(spec: Any, folder: str | Path, root: str | Path | None = N
             f"{folder}: {where} {spec!r} resolves to {resolved}, outside the artifact folder {root}; a relative "
             "local-dir: path must stay inside the artifact."
         )
+    refuse_pickled_weights(resolved, folder, where)
     return f"local-dir:{resolved}"
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def refuse_pickled_weights(tower_dir: Path, folder: str | Path, where: str) -> None:
+    """A bundled tower must carry safetensors weights: timm falls back to unpickling
+    pytorch_model.bin when model.safetensors is missing, and an artifact's weights are never unpickled."""
+    if not tower_dir.is_dir() or any(tower_dir.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in tower_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ArtifactError(
+            f"{folder}: {where} folder {tower_dir} holds pickled weights ({', '.join(pickled[:3])}) and no "
+            "safetensors file; defectclip loads artifact weights from safetensors only. Re-export the tower."
+        )
