@@ -280,6 +280,8 @@ def hostile_arrays() -> list[Item]:
         Item("array_empty", np.zeros((0, 0, 3), np.uint8), "error", names=""),
         Item("array_object", np.full((64, 64, 3), None, object), "error", names=""),
         Item("array_strided_view", noise((128, 128))[::2, ::2], "ok", _finite_score),
+        Item("array_flipped_view", noise()[::-1, :, ::-1], "ok", _finite_score),
+        Item("array_read_only", np.broadcast_to(noise()[:1], (64, 64, 3)), "ok", _finite_score),
         Item("array_broadcast_8000", np.broadcast_to(np.uint8(7), (8000, 8000, 3)), "error", names=""),
         Item("pil_float_nan", Image.fromarray(np.full((64, 64), np.nan, np.float32), "F"), "error", names=""),
         Item("pil_16bit_hot_pixel", hot_pixel_16bit(), "ok", _finite_score),
