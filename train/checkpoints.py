@@ -6,9 +6,10 @@ checkpoint folder could run code. Here every tensor goes to safetensors and ever
 
     checkpoints/checkpoint_<n>/
         model.safetensors (model_<i>.safetensors)   each prepared model's state dict
-        state.safetensors                            optimizer tensors and RNG states
+        state.safetensors                            optimizer tensors
+        rng_<process>.safetensors                    each process's RNG states (structure in its metadata)
         state.json                                   written last: step, loss history, optimizer /
-                                                     scheduler structure, RNG scalars, file sizes
+                                                     scheduler structure, file sizes
 
 A checkpoint is written into `.checkpoint_<n>.incomplete` and renamed to `checkpoint_<n>` once every
 file is on disk (fsync'd), so a folder named `checkpoint_<n>` is complete by construction. Folders
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from defectclip.errors import CheckpointError
@@ -195,9 +197,36 @@ def model_file(index: int) -> str:
     return "model.safetensors" if index == 0 else f"model_{index}.safetensors"
 
 
+def rng_file(process_index: int) -> str:
+    return f"rng_{process_index}.safetensors"
+
+
+def write_rng(staging: Path, process_index: int) -> None:
+    """This process's RNG states: tensors in the file, their structure as JSON in its metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = encode(rng_state(), tensors)
+    path = staging / rng_file(process_index)
+    save_file(tensors, str(path), metadata={"structure": json.dumps(structure)})
+    _fsync_file(path)
+
+
+def read_rng(folder: Path, process_index: int) -> dict[str, Any] | None:
+    path = folder / rng_file(process_index)
+    if not path.is_file():
+        return None  # a checkpoint of a run with fewer processes: this one keeps its seeded state
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            structure = json.loads(handle.metadata()["structure"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type, a missing key, bad JSON
+        raise CheckpointError(f"Cannot read {path}: {err}. Resume from another checkpoint.") from err
+    return decode(structure, tensors, folder)
+
+
 def write_checkpoint(staging: Path, models: list, optimizers: list, schedulers: list, scaler,
                      extra: dict[str, Any]) -> None:
-    """Write every file of a checkpoint into `staging`; state.json goes last."""
+    """Write every file of a checkpoint into `staging` (each process's RNG file is there already);
+    state.json goes last and lists every file with its size."""
     for i, model in enumerate(models):
         save_model(model, str(staging / model_file(i)))
     tensors: dict[str, torch.Tensor] = {}
@@ -207,13 +236,13 @@ def write_checkpoint(staging: Path, models: list, optimizers: list, schedulers: 
         "optimizers": [encode(o.state_dict(), tensors) for o in optimizers],
         "schedulers": [encode(s.state_dict(), tensors) for s in schedulers],
         "scaler": None if scaler is None else encode(scaler.state_dict(), tensors),
-        "rng": encode(rng_state(), tensors),
         **{key: encode(value, tensors) for key, value in extra.items()},
     }
     save_file(tensors, str(staging / STATE_TENSORS))
     names = [model_file(i) for i in range(len(models))] + [STATE_TENSORS]
     for name in names:
         _fsync_file(staging / name)
+    names += sorted(p.name for p in staging.glob("rng_*.safetensors"))
     body["files"] = {name: (staging / name).stat().st_size for name in names}
     with open(staging / STATE_JSON, "w") as handle:
         json.dump(body, handle)

@@ -103,6 +103,8 @@ def find_checkpoint(output_dir: Path, resume: str, say: Callable[[str], None] = 
     """
     if resume != "latest":
         folder = Path(resume)
+        if not folder.is_dir() and (checkpoint_dir(output_dir) / resume).is_dir():
+            folder = checkpoint_dir(output_dir) / resume  # `--resume checkpoint_2` names one of this run's
         if not folder.is_dir():
             raise SystemExit(f"--resume {resume}: no such checkpoint folder.")
         if ckpt.read_manifest(folder) is None:
@@ -127,6 +129,10 @@ def save_checkpoint(accelerator: Accelerator, progress: Progress, output_dir: Pa
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while writing this number
         staging.mkdir()
+    accelerator.wait_for_everyone()
+    ckpt.write_rng(staging, accelerator.process_index)  # every process has its own generators
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         models = [accelerator.unwrap_model(m) for m in accelerator._models]  # what save_state would save
         extra = {"progress": progress.state_dict(), "accelerator_step": int(accelerator.step),
                  "process_count": accelerator.num_processes}
@@ -155,7 +161,9 @@ def load_checkpoint(accelerator: Accelerator, progress: Progress, folder: Path) 
             scheduler.load_state_dict(saved)
         if accelerator.scaler is not None and state["scaler"] is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
+        rng = ckpt.read_rng(folder, accelerator.process_index)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
     except (KeyError, ValueError, TypeError, RuntimeError) as err:
         raise ckpt.CheckpointError(f"{folder} does not fit this run's optimizer, scheduler or RNG: {err}") from err
     progress.load_state_dict(state["progress"])
