@@ -637,3 +637,20 @@ def clip_ada_artifacts(folder: Path) -> list[Item]:
     variant("ca_weights_wrong_shape", lambda f: edit_tensors(f, lambda t: t.update({k: torch.zeros(1) for k in list(t)[:1]})))
     variant("ca_weights_nan", lambda f: edit_tensors(f, lambda t: [v.fill_(float("nan")) for v in list(t.values())[:1]]))
     return items
+
+
+# --------------------------------------------------------------------------------------------------
+# secrets on the command line
+
+
+@pytest.mark.parametrize("argv", [["push-model", "folder", "org/repo", "--token", "hf_secret"],
+                                  ["push-model", "folder", "org/repo", "--token=hf_secret"]])
+def test_a_hub_token_on_the_command_line_is_refused(argv, capsys):
+    """`ps` shows every process's argv to every user: the token comes from HF_TOKEN or the saved login."""
+    from hub.__main__ import build_parser
+
+    with pytest.raises(SystemExit) as stopped:
+        build_parser().parse_args(argv)
+    assert stopped.value.code == 2
+    assert "HF_TOKEN" in capsys.readouterr().err
+    assert build_parser().parse_args(argv[:3]).token is None  # without the flag: huggingface_hub's own lookup
