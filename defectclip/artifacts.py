@@ -18,13 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .errors import ArtifactError
 from .io import atomic_dir
 
 HUB_PREFIX = "hf-hub:"
-
-
-class ArtifactError(ValueError):
-    """An artifact source that is neither a folder nor a reachable Hub repo; the message says what to do."""
+__all__ = ["Artifact", "ArtifactError", "resolve_artifact"]
 
 
 def resolve_artifact(source: str | Path, *, revision: str | None = None, token: str | bool | None = None,

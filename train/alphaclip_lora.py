@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     optimizer = make_optimizer(describer, args)
     scheduler = common.make_scheduler("cosine", optimizer, last_step, accelerator.num_processes, warmup=args.warmup_steps)
     image_tower, optimizer, loader, scheduler = accelerator.prepare(describer.image, optimizer, loader, scheduler)
-    common.resume_if_asked(accelerator, args)
+    common.resume_if_asked(accelerator, args, progress)
     started = time.perf_counter()
     batches = common.batches_from(loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed)
     image_tower.train()

@@ -240,7 +240,7 @@ def finish(accelerator, model, paths: list[Path], args, progress, losses: list[f
         "trainable_parameters": model.num_trainable_parameters(),
         "train_seconds": seconds,
         "train_images_per_second": len(losses) * args.batch_size * args.gradient_accumulation_steps / max(seconds, 1e-9),
-        **loss_summary(losses),
+        **loss_summary(common.loss_values(progress)),  # the whole run's, also after a resume
     }
     if accelerator.is_main_process:
         metrics["threshold"] = model.calibrate_threshold(
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = common.make_scheduler("multistep", optimizer, last_step, accelerator.num_processes,
                                milestones=LR_MILESTONES, gamma=LR_DECAY)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    common.resume_if_asked(accelerator, args)
+    common.resume_if_asked(accelerator, args, progress)
     started = time.perf_counter()
     batches = common.batches_from(loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed)
     model.train()

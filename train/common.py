@@ -1,11 +1,14 @@
 """What every training script shares: flags, the Accelerator, the scheduler, the loop, checkpoints, logging
 and the push. Each script states only what differs: its data, its model and its loss.
 
-Checkpoints are Accelerate states under `<output-dir>/checkpoints/checkpoint_<n>` (model, optimizer,
-scheduler, RNG, and the step counter registered here), so `--resume latest` continues with the same
-step count, optimizer state and data order. `--report-to tensorboard` sends the loss and learning rate to
-`<output-dir>/logs/<script>/` through Accelerate's trackers. `--push-to-hub <repo>` pushes the saved
-artifact with its model card (defectclip.sharing), deleting remote files the new version no longer has.
+Checkpoints live under `<output-dir>/checkpoints/checkpoint_<n>` (models, optimizers, schedulers, the
+gradient scaler, RNG states, the step counter and the loss history), so `--resume latest` continues
+with the same step count, optimizer state and data order. They are written by `train.checkpoints`,
+not Accelerate's `save_state`: safetensors + JSON only, so resuming never unpickles anything, and
+each checkpoint appears under its name only once it is complete.
+`--report-to tensorboard` sends the loss and learning rate to `<output-dir>/logs/<script>/` through
+Accelerate's trackers. `--push-to-hub <repo>` pushes the saved artifact with its model card
+(defectclip.sharing), deleting remote files the new version no longer has.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,6 +25,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+from train import checkpoints as ckpt
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard")  # trackers the pinned requirements install
@@ -45,7 +51,6 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, lr: flo
     group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
     group.add_argument("--push-to-hub", default=None, metavar="REPO",
                        help="push the final artifact with its model card to this Hub repo ('org/name')")
-    group.add_argument("--hub-token", default=None, help="Hub token for --push-to-hub (default: HF_TOKEN or the login)")
     group.add_argument("--report-to", choices=REPORT_TO, default="none",
                        help=f"tracker for loss and learning rate; tensorboard writes <output-dir>/{LOGS_DIR}/")
 
@@ -66,25 +71,24 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Progress:
-    """The step counter, saved inside every checkpoint so a resumed run knows where it was."""
+    """The step counter and the logged losses, saved (as JSON) in every checkpoint, so a resumed run
+    knows where it was and its metrics cover the whole run, even one resumed at its last step."""
 
     step: int = 0
+    loss_history: list = field(default_factory=list)  # [[step, loss], ...] as logged
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "loss_history": [[int(s), float(v)] for s, v in self.loss_history]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.loss_history = [[int(s), float(v)] for s, v in state.get("loss_history", [])]
 
 
 def make_accelerator(args: argparse.Namespace, name: str) -> tuple[Accelerator, Progress]:
-    """The Accelerator with checkpointing, accumulation and (with --report-to) a tracker named `name`."""
-    project = ProjectConfiguration(
-        project_dir=str(args.output_dir),
-        logging_dir=str(Path(args.output_dir) / LOGS_DIR),
-        automatic_checkpoint_naming=True,
-        total_limit=args.checkpoints_total_limit,
-    )
+    """The Accelerator with accumulation and (with --report-to) a tracker named `name`."""
+    project = ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(Path(args.output_dir) / LOGS_DIR),
+                                   total_limit=args.checkpoints_total_limit)
     # sync_with_dataloader=False: Accelerate would otherwise force an optimizer step at every epoch end,
     # which shifts the micro-batch count a resumed run uses to find its place in the data.
     accumulation = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
@@ -94,46 +98,106 @@ def make_accelerator(args: argparse.Namespace, name: str) -> tuple[Accelerator, 
         project_config=project,
         log_with=None if args.report_to == "none" else args.report_to,
     )
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
+    # The Progress is not registered with Accelerate: its save_state would pickle it and its load_state
+    # would unpickle it (weights_only=False). It travels in the checkpoint's state.json instead.
     if args.report_to != "none":
         accelerator.init_trackers(name, config=tracker_config(args))
-    return accelerator, progress
+    return accelerator, Progress()
 
 
 def tracker_config(args: argparse.Namespace) -> dict:
     """The run's flags as hyperparameters: TensorBoard takes only numbers, strings and booleans."""
     plain = (int, float, str, bool)
     return {key: value if isinstance(value, plain) else str(value) for key, value in vars(args).items()
-            if value is not None and key != "hub_token"}
+            if value is not None}
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def find_checkpoint(output_dir: Path, resume: str) -> Path:
-    """'latest' -> the newest checkpoint_<n> under output_dir; anything else must be a folder."""
+def find_checkpoint(output_dir: Path, resume: str, say: Callable[[str], None] = print) -> Path:
+    """'latest' -> the newest complete checkpoint_<n> under output_dir; anything else must be a complete one.
+
+    Incomplete folders (a run killed while writing, a copy that lost files, Accelerate's pickle
+    format) are named and skipped, never loaded.
+    """
     if resume != "latest":
         folder = Path(resume)
+        if not folder.is_dir() and (checkpoint_dir(output_dir) / resume).is_dir():
+            folder = checkpoint_dir(output_dir) / resume  # `--resume checkpoint_2` names one of this run's
         if not folder.is_dir():
             raise SystemExit(f"--resume {resume}: no such checkpoint folder.")
+        if ckpt.read_manifest(folder) is None:
+            raise SystemExit(f"--resume {resume}: {ckpt.incomplete_message(folder)}")
         return folder
-    found = sorted(checkpoint_dir(output_dir).glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-    if not found:
-        raise SystemExit(f"--resume latest: no checkpoint under {checkpoint_dir(output_dir)}; start without --resume.")
-    return found[-1]
+    root = checkpoint_dir(output_dir)
+    for folder in reversed(ckpt.named_checkpoints(root)):
+        if ckpt.is_complete(folder):
+            return folder
+        say(f"skipping {folder}: {ckpt.incomplete_message(folder)}")
+    raise SystemExit(f"--resume latest: no complete checkpoint under {root}; start without --resume.")
 
 
-def resume_if_asked(accelerator: Accelerator, args: argparse.Namespace) -> None:
-    """Load model, optimizer, scheduler, RNG and step counter from a checkpoint."""
+def save_checkpoint(accelerator: Accelerator, progress: Progress, output_dir: Path, keep: int | None) -> Path:
+    """Write checkpoint_<n> (n one past every existing number) via a staging folder and one rename,
+    then delete complete checkpoints beyond `keep`, oldest first."""
+    root = checkpoint_dir(output_dir)
+    index = ckpt.next_index(root)
+    staging, target = ckpt.staging_for(root, index), root / f"checkpoint_{index}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while writing this number
+        staging.mkdir()
+    accelerator.wait_for_everyone()
+    ckpt.write_rng(staging, accelerator.process_index)  # every process has its own generators
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        models = [accelerator.unwrap_model(m) for m in accelerator._models]  # what save_state would save
+        extra = {"progress": progress.state_dict(), "accelerator_step": int(accelerator.step),
+                 "process_count": accelerator.num_processes}
+        ckpt.write_checkpoint(staging, models, accelerator._optimizers, accelerator._schedulers,
+                              accelerator.scaler, extra)
+        ckpt.publish(staging, target)
+        ckpt.rotate(root, keep)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def load_checkpoint(accelerator: Accelerator, progress: Progress, folder: Path) -> None:
+    """Restore models, optimizers, schedulers, scaler, RNG and progress from safetensors + JSON only."""
+    state, _ = ckpt.read_checkpoint(folder)
+    counts = {"models": (len(accelerator._models), len([n for n in state["files"] if n.startswith("model")])),
+              "optimizers": (len(accelerator._optimizers), len(state["optimizers"])),
+              "schedulers": (len(accelerator._schedulers), len(state["schedulers"]))}
+    for what, (have, saved) in counts.items():
+        if have != saved:
+            raise ckpt.CheckpointError(f"{folder} holds {saved} {what}, this run has {have}: it belongs to another script.")
+    ckpt.load_models(folder, [accelerator.unwrap_model(m) for m in accelerator._models])
+    try:
+        for optimizer, saved in zip(accelerator._optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(accelerator._schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        if accelerator.scaler is not None and state["scaler"] is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        rng = ckpt.read_rng(folder, accelerator.process_index)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise ckpt.CheckpointError(f"{folder} does not fit this run's optimizer, scheduler or RNG: {err}") from err
+    progress.load_state_dict(state["progress"])
+    accelerator.step = int(state["accelerator_step"])
+
+
+def resume_if_asked(accelerator: Accelerator, args: argparse.Namespace, progress: Progress) -> None:
+    """Load model, optimizer, scheduler, RNG, step counter and loss history from a checkpoint."""
     if not args.resume:
         return
-    folder = find_checkpoint(args.output_dir, args.resume)
-    accelerator.load_state(str(folder))
-    # Accelerate numbers new checkpoints after the one loaded, so later saves never overwrite it.
-    accelerator.project_configuration.iteration = int(folder.name.split("_")[-1]) + 1
-    accelerator.print(f"resumed from {folder}")
+    folder = find_checkpoint(args.output_dir, args.resume, accelerator.print)
+    load_checkpoint(accelerator, progress, folder)
+    accelerator.print(f"resumed from {folder} at step {progress.step}")
 
 
 def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
@@ -172,8 +236,10 @@ def batches_from(
 
 
 def maybe_checkpoint(accelerator: Accelerator, progress: Progress, args: argparse.Namespace, last_step: int) -> None:
+    """Every --checkpointing-steps, and always at the last step, so the final save can be redone
+    from a checkpoint if the run is killed while writing the artifact."""
     if progress.step % args.checkpointing_steps == 0 or progress.step == last_step:
-        accelerator.save_state()
+        save_checkpoint(accelerator, progress, args.output_dir, args.checkpoints_total_limit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,15 +286,16 @@ def train_loop(accelerator: Accelerator, progress: Progress, model, optimizer, s
                desc: str) -> list[float]:
     """Optimizer steps until `last_step`, `args.gradient_accumulation_steps` micro-batches each.
 
-    `compute_loss(batch, step)` is what a script adds. The losses stay on the device and are read back
-    once per logging window and once at the end (each read is a device synchronisation); the return value
-    is the mean loss of every optimizer step run here, averaged over processes.
+    `compute_loss(batch, step)` is what a script adds. Each step's loss stays on the device until a log
+    or a checkpoint moves the pending ones into the run's history (one device read for all of them:
+    each read is a synchronisation). Returns the losses of the steps run here, averaged over processes.
     """
     from tqdm.auto import tqdm
 
+    first_step = progress.step
     bar = tqdm(total=last_step, initial=progress.step, desc=desc, disable=not accelerator.is_local_main_process)
     micro: list[torch.Tensor] = []
-    steps: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
     while progress.step < last_step:
         with accelerator.accumulate(model):
             loss = compute_loss(next(batches), progress.step)
@@ -240,24 +307,48 @@ def train_loop(accelerator: Accelerator, progress: Progress, model, optimizer, s
         if not accelerator.sync_gradients:
             continue
         progress.step += 1
-        steps.append(torch.stack(micro).mean())
+        pending.append(torch.stack(micro).mean())
         micro = []
         bar.update(1)
-        if progress.step % args.log_every == 0 or progress.step == last_step:
-            log_window(accelerator, progress, args, steps, scheduler, bar)
-        maybe_checkpoint(accelerator, progress, args, last_step)
+        after_step(accelerator, progress, args, pending, scheduler, bar, last_step)
     bar.close()
-    if not steps:
-        return []
-    return accelerator.reduce(torch.stack(steps), reduction="mean").tolist()
+    return [loss for step, loss in progress.loss_history if step > first_step]
 
 
-def log_window(accelerator: Accelerator, progress: Progress, args, steps: list[torch.Tensor], scheduler, bar) -> None:
+def after_step(accelerator: Accelerator, progress: Progress, args, pending: list[torch.Tensor], scheduler, bar,
+               last_step: int) -> None:
+    """Log every --log-every steps, checkpoint every --checkpointing-steps (and both at the last step)."""
+    logging = progress.step % args.log_every == 0 or progress.step == last_step
+    if logging or progress.step % args.checkpointing_steps == 0 or progress.step == last_step:
+        record_losses(accelerator, progress, pending)
+    if logging:
+        log_window(accelerator, progress, args, scheduler, bar)
+    maybe_checkpoint(accelerator, progress, args, last_step)
+
+
+def record_losses(accelerator: Accelerator, progress: Progress, pending: list[torch.Tensor]) -> None:
+    """Move the pending per-step losses (on the device) into the history a checkpoint saves."""
+    if not pending:
+        return
+    values = accelerator.reduce(torch.stack(pending), reduction="mean").tolist()
+    first = progress.step - len(values) + 1
+    progress.loss_history.extend([first + i, float(value)] for i, value in enumerate(values))
+    pending.clear()
+
+
+def log_window(accelerator: Accelerator, progress: Progress, args, scheduler, bar) -> None:
     """The mean loss of the steps since the last log, to the progress bar and the trackers."""
-    window = steps[-((progress.step - 1) % args.log_every) - 1:]
-    loss = accelerator.reduce(torch.stack(window).mean(), reduction="mean").item()
+    since = progress.step - ((progress.step - 1) % args.log_every)
+    window = [loss for step, loss in progress.loss_history if step >= since]
+    if not window:
+        return
+    loss = sum(window) / len(window)
     bar.set_postfix(loss=f"{loss:.4f}")
     accelerator.log({"loss": loss, "lr": scheduler.get_last_lr()[-1]}, step=progress.step)
+
+
+def loss_values(progress: Progress) -> list[float]:
+    return [loss for _, loss in progress.loss_history]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,7 +366,8 @@ def push_trained(artifact, args: argparse.Namespace, accelerator: Accelerator, *
     from defectclip.sharing import CardInfo
 
     card = CardInfo(repo_id=args.push_to_hub, training_data=tuple(training_data), datasets=tuple(datasets))
-    artifact.push_to_hub(args.push_to_hub, card=card, token=args.hub_token, echo=accelerator.print)
+    # The token comes from HF_TOKEN or the saved login: one on the command line would be visible in `ps`.
+    artifact.push_to_hub(args.push_to_hub, card=card, echo=accelerator.print)
 
 
 def known_sources(folders) -> tuple[str, ...]:

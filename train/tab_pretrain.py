@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from defectclip.data import DataError, MVTecDataset
-from defectclip.io import atomic_dir, write_json_atomic
+from defectclip.io import write_json_atomic
 from defectclip.prompts import PROMPT_LEVELS, PromptSettings, class_text_vectors
 from defectclip.tab import (
     HEADS, LOSSES, SYNTHESES, EpochShuffle, SyntheticPairs, TABBackbone, TABConfig, TABError, check_loss, pair_loss,
@@ -155,8 +156,8 @@ def build_optimizer(args: argparse.Namespace, model: TABBackbone) -> torch.optim
 
 
 def run_steps(accelerator, progress, model, optimizer, scheduler, loader, sampler, text_vectors,
-              args, total: int) -> tuple[list[float], int, float]:
-    """Train until `total` optimizer steps; returns each step's loss, micro-batches run and seconds taken."""
+              args, total: int) -> tuple[int, float]:
+    """Train until `total` optimizer steps; returns the micro-batches run and the seconds taken."""
     preprocess = accelerator.unwrap_model(model).preprocess
     start_batch = progress.step * args.gradient_accumulation_steps
     batches = CountingIterator(common.batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch,
@@ -165,10 +166,10 @@ def run_steps(accelerator, progress, model, optimizer, scheduler, loader, sample
     if args.freeze_bn:
         freeze_batchnorm_statistics(model)
     started = time.perf_counter()
-    losses = common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
-                        lambda batch, step: pair_loss(model, batch, text_vectors, args.loss, preprocess),
-                        args, total, "TAB")
-    return losses, batches.count, time.perf_counter() - started
+    common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
+                      lambda batch, step: pair_loss(model, batch, text_vectors, args.loss, preprocess),
+                      args, total, "TAB")
+    return batches.count, time.perf_counter() - started
 
 
 class CountingIterator:
@@ -199,30 +200,40 @@ def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
 # saving
 
 
-def carry_over(old: Path, new: Path) -> None:
-    """Move what the previous folder holds besides the artifact (checkpoints/, logs) into the new one."""
-    if not old.is_dir():
-        return
-    for entry in old.iterdir():
-        if not (new / entry.name).exists():
-            os.replace(entry, new / entry.name)
+STAGING_NAME = ".artifact.incomplete"
 
 
 def save_artifact(model: TABBackbone, output_dir: Path, metrics: dict, step: int) -> None:
-    """Replace the artifact in one rename, keeping checkpoints/ so `--resume latest` still works."""
-    with atomic_dir(output_dir) as staging:
-        model._write_artifact(staging, step=step)
-        write_json_atomic(staging / METRICS_NAME, metrics)
-        carry_over(output_dir, staging)
+    """Write the artifact beside checkpoints/, each file replaced by one rename, metrics.json last.
+
+    checkpoints/ never moves, so a kill at any moment of this save leaves `--resume latest` working:
+    the final checkpoint is written before this runs, and resuming from it redoes the save.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / STAGING_NAME
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed during its final save
+    staging.mkdir()
+    model._write_artifact(staging, step=step)
+    write_json_atomic(staging / METRICS_NAME, metrics)
+    files = sorted(staging.iterdir(), key=lambda p: (p.name == METRICS_NAME, p.name))  # metrics.json last: "done"
+    for file in files:
+        fsync_file(file)
+        os.replace(file, output_dir / file.name)
+    shutil.rmtree(staging)
 
 
-def run_metrics(losses: list[float], progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def run_metrics(progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
     images = micro_batches * 2 * args.batch_size * accelerator.num_processes  # normal + synthetic
-    first_step = progress.step - len(losses) + 1
     return {
-        "final_loss": losses[-1] if losses else None,
-        "first_loss": losses[0] if losses else None,
-        "loss_history": [[first_step + i, loss] for i, loss in enumerate(losses)],
+        # The whole run's history, kept in the checkpoints: a run resumed at its last step still has it.
+        "final_loss": progress.loss_history[-1][1] if progress.loss_history else None,
+        "first_loss": progress.loss_history[0][1] if progress.loss_history else None,
+        "loss_history": [list(entry) for entry in progress.loss_history],
         "steps": progress.step,
         "micro_batches_this_run": micro_batches,
         "images_per_second": images / seconds if seconds > 0 else None,
@@ -263,10 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(args, model)
     scheduler = common.make_scheduler(args.lr_schedule, optimizer, total, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    common.resume_if_asked(accelerator, args)
-    losses, micro_batches, seconds = run_steps(accelerator, progress, model, optimizer, scheduler, loader,
-                                               plain_loader.sampler, text_vectors, args, total)
-    metrics = run_metrics(losses, progress, micro_batches, seconds, args, accelerator)
+    common.resume_if_asked(accelerator, args, progress)
+    micro_batches, seconds = run_steps(accelerator, progress, model, optimizer, scheduler, loader,
+                                       plain_loader.sampler, text_vectors, args, total)
+    metrics = run_metrics(progress, micro_batches, seconds, args, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_artifact(accelerator.unwrap_model(model), args.output_dir, metrics, progress.step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import DefectclipError
 
 ALPHA_MEAN = 0.5
 ALPHA_STD = 0.26
@@ -14,5 +15,5 @@ FORMAT = "defectclip-alphaclip-describer"
 DEFAULT_TEMPERATURE = 0.07
 
 
-class AlphaClipError(ValueError):
+class AlphaClipError(DefectclipError):
     """A checkpoint, folder or input that does not fit the describer; the message says what is wrong."""
