@@ -14,6 +14,7 @@ never reaches the network.
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,14 +26,17 @@ HUB_PREFIX = "hf-hub:"
 __all__ = ["Artifact", "ArtifactError", "resolve_artifact"]
 
 
+def _is_local(source: str | Path) -> bool:
+    text = str(source)
+    return not text.startswith(HUB_PREFIX) and Path(text).expanduser().is_dir()
+
+
 def resolve_artifact(source: str | Path, *, revision: str | None = None, token: str | bool | None = None,
                      allow_patterns: tuple[str, ...] | None = None) -> Path:
     """A local folder as it is; otherwise `source` as a Hub repo id, downloaded into (or found in) the cache."""
     text = str(source)
-    if not text.startswith(HUB_PREFIX):
-        path = Path(text).expanduser()
-        if path.is_dir():
-            return path
+    if _is_local(source):
+        return Path(text).expanduser()
     repo_id = text.removeprefix(HUB_PREFIX)
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -89,6 +93,10 @@ class Artifact:
                         **options: Any):
         """Load from a folder written by `save_pretrained` or from a Hub repo holding one; strict about keys."""
         folder = resolve_artifact(source, revision=revision, token=token, allow_patterns=cls.hub_files)
+        if not _is_local(source) and "allow_absolute_tower" in inspect.signature(cls._read_artifact).parameters:
+            # A downloaded artifact may only name towers inside itself: an absolute local-dir: path in a
+            # repo points at someone else's machine (or at files of this one it has no business reading).
+            options.setdefault("allow_absolute_tower", False)
         return cls._read_artifact(folder, **options)
 
     def push_to_hub(self, repo_id: str, *, card=None, token: str | None = None, private: bool | None = None,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import DefectclipError
 from ..region_dataset import KNOWN_SOURCES, SourceInfo
 from ..towers import OFFLINE_TEXT, OFFLINE_VISION, split_spec
 from .push import resolve_repo_id
@@ -32,7 +33,7 @@ NON_COMMERCIAL = "cc-by-nc-4.0"
 PERMISSIVE_LICENSES = frozenset({"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0"})
 
 
-class CardError(ValueError):
+class CardError(DefectclipError):
     """A card that cannot be written truthfully: a missing benchmark number, an unknown dataset, ..."""
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..errors import DefectclipError
 from ..alphaclip import OFFICIAL_WEIGHTS, AlphaDescriber
 from ..clip_ada import ClipADA
 from ..io import atomic_dir, read_json, write_json_atomic
@@ -55,7 +56,7 @@ METHOD_NAMES = {"patchcore": "PatchCore", "padim": "PaDiM"}
 SUGGESTED_REDUCTIONS = (8, 16)
 
 
-class ExportError(ValueError):
+class ExportError(DefectclipError):
     """An artifact that cannot be exported as asked: the message says why and what to do."""
 
 

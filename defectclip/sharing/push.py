@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import DefectclipError
+
 REPO_TYPES = ("model", "dataset", "space")
 ORG_ENV_VAR = "DEFECTCLIP_ORG"
 DEFAULT_ORG = "defectclip"
@@ -31,7 +33,7 @@ _IGNORED_PREFIXES = (".cache/huggingface/",)
 _IGNORED_SUFFIXES = (".pyc",)
 
 
-class FolderError(ValueError):
+class FolderError(DefectclipError):
     """The folder to push is missing, not a folder, or holds nothing to push."""
 
 
