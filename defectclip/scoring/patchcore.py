@@ -306,8 +306,10 @@ def nearest_distances_bf16(queries: torch.Tensor, prepared_bank: torch.Tensor) -
     most 0.4 % of the two norms, typically far less) with float32 accumulation, rounded to bfloat16
     on output (0.2 % of the squared distance). Measured on real patch features: 0.1 % mean relative
     error, image AUROC unchanged to within 0.05 point. A query equal to a bank row is at distance ~0.
-    Only the minimum is kept per block (`amin`, no indices): the reduction costs as much as the
-    product, and an index-tracking minimum costs 2-3x more.
+    Only the minimum is kept per block, and it is taken on the bfloat16 bits read as int16: for
+    non-negative floats the two orders agree, and the int16 reduction is vectorised where the
+    bfloat16 one is not (0.34 vs 1.5 ms for 784 x 5,000 scores, one thread). A squared distance that
+    rounding made negative reads as a negative int16, so it still wins, and it is clamped to 0.
     """
     if prepared_bank.shape[0] == 0:
         raise ScoringError("The memory bank is empty.")
@@ -316,9 +318,10 @@ def nearest_distances_bf16(queries: torch.Tensor, prepared_bank: torch.Tensor) -
         rows = _rows_with_norms(queries[begin : begin + LOW_QUERY_CHUNK].float(), 1.0, norms_first=False)
         best = None
         for start in range(0, prepared_bank.shape[0], LOW_BANK_CHUNK):
-            nearest = (rows @ prepared_bank[start : start + LOW_BANK_CHUNK].T).amin(dim=1)
+            scores = rows @ prepared_bank[start : start + LOW_BANK_CHUNK].T
+            nearest = scores.view(torch.int16).amin(dim=1)
             best = nearest if best is None else torch.minimum(best, nearest, out=best)
-        out.append(best.float().clamp_min_(0.0).sqrt_())
+        out.append(best.view(torch.bfloat16).float().clamp_min_(0.0).sqrt_())
     return torch.cat(out) if out else torch.empty(0, device=queries.device)
 
 
