@@ -119,10 +119,11 @@ def greedy_k_center(points: torch.Tensor, count: int, start: int = 0) -> Coreset
 
 
 # Two-stage selection (see select_coreset): candidates kept per final entry, points per chunk, and the
-# dimension the chunks are projected to. 16,384 points x 33 floats = 2.2 MB, about one core's L2 cache
-# on current server CPUs, so every step of a chunk's selection reads cached numbers instead of RAM.
-# Measured on the full magnetic tile (497,840 patches -> 5,000 entries, one thread): 12 s instead of
-# 104 s for the one-stage selection, the same image AUROC within seed spread (benchmarks/results).
+# dimension the chunks are projected to. 4,096 points x 33 floats = 0.5 MB sits in one core's L2 cache,
+# so every step of a chunk's selection reads cached numbers instead of RAM, and a chunk's cost grows
+# with its size squared (stage one took 6.4 s CPU with 12,544-point chunks, 1.8 s with 3,136).
+# Measured on the full magnetic tile (497,840 patches -> 5,000 entries, one thread): ~10 s of CPU
+# instead of 104 s for one-stage greedy (benchmarks/results/patchcore_bank_size.md).
 CANDIDATES_PER_ENTRY = 8
 CHUNK_POINTS = 4096
 CHUNK_PROJECTION_DIM = 32
