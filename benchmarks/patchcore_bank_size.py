@@ -46,6 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="one MVTec AD category folder")
     parser.add_argument("--image-size", type=int, default=224, help="model input size (square), pixels")
+    parser.add_argument("--max-train", type=int, default=None, help="cap on train/good images (a smoke test); default all")
+    parser.add_argument("--max-test", type=int, default=None, help="cap on test images (proportion kept); default all")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 3000, 4000, 5000, 6000, 8000, 12000], help="bank sizes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="projection and coreset-start seeds")
     parser.add_argument("--one-stage-sizes", type=int, nargs="*", default=[5000],
@@ -118,7 +120,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict], args, counts: dict, machine: str) -> str:
     lines = [
-        f"Category `{Path(args.data).name}`, all {counts['train']} train ({counts['patches']:,} patches) / "
+        f"Category `{Path(args.data).name}`, {counts['train']} train ({counts['patches']:,} patches) / "
         f"{counts['test']} test images at {args.image_size} px, layers {LAYERS}, {machine}, seeds {args.seeds}.",
         "",
         "| selection | bank | image AUROC, exact search | image AUROC, bf16 search | selection CPU (s) | "
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     tower = build_vision_tower(OFFLINE_VISION)
-    load_args = argparse.Namespace(data=args.data, image_size=args.image_size, max_train=None, max_test=None)
+    load_args = argparse.Namespace(data=args.data, image_size=args.image_size, max_train=args.max_train, max_test=args.max_test)
     train_images, test_images, _, labels = load_inputs(load_args, tower)
     model = PatchCore(tower, layers=LAYERS, image_size=args.image_size, device="cpu")
     train_features, test_features = extract(model, train_images), extract(model, test_images)
