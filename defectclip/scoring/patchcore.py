@@ -13,8 +13,9 @@ The two costly steps are written for a CPU as much as for a GPU:
   cache-sized chunks keeps a few candidates per final entry, then k-center over the candidates;
 - the nearest-neighbour search is one matrix product per block of queries x bank entries whose
   result is already the squared distance. Where the CPU multiplies bfloat16 matrices in hardware
-  (AMX), the product runs in bfloat16 with float32 accumulation (about 4x faster, distances within
-  about 0.2 %), otherwise in float32.
+  (AMX), the product runs in bfloat16 with float32 accumulation (5,000 entries: ~3 instead of ~14 ms
+  an image on one thread; distances 0.07 % off on average, image AUROC within 0.02 point of the exact
+  search on the full magnetic tile), otherwise in float32.
 """
 
 from __future__ import annotations
@@ -305,8 +306,9 @@ def nearest_distances_bf16(queries: torch.Tensor, prepared_bank: torch.Tensor) -
     `prepared_bank` comes from bf16_bank. The distance is the one between the bfloat16-rounded query
     and bank row (8-bit mantissa: each moves by at most 0.4 % of its norm, so a distance moves by at
     most 0.4 % of the two norms, typically far less) with float32 accumulation, rounded to bfloat16
-    on output (0.2 % of the squared distance). Measured on real patch features: 0.1 % mean relative
-    error, image AUROC unchanged to within 0.05 point. A query equal to a bank row is at distance ~0.
+    on output (0.2 % of the squared distance). Measured on magnetic-tile patch features: 0.07 % mean
+    relative error, image AUROC within 0.02 point over 3 seeds (benchmarks/results/patchcore_speed.md).
+    A query equal to a bank row is at distance ~0.
     Only the minimum is kept per block, and it is taken on the bfloat16 bits read as int16: for
     non-negative floats the two orders agree, and the int16 reduction is vectorised where the
     bfloat16 one is not (0.34 vs 1.5 ms for 784 x 5,000 scores, one thread). A squared distance that
