@@ -28,7 +28,7 @@ from vs_anomalib import LAYERS, load_inputs, machine_description  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
 from defectclip.metrics import image_auroc  # noqa: E402
 from defectclip.scoring import PatchCore  # noqa: E402
-from defectclip.scoring.common import patch_scores_to_maps  # noqa: E402
+from defectclip.scoring.maps import patch_scores_to_maps  # noqa: E402
 from defectclip.scoring.patchcore import (  # noqa: E402
     DEFAULT_PROJECTION_DIM,
     bf16_bank,

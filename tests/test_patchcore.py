@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from conftest import save_png, textured_image, write_mvtec_category
 from defectclip.data import DataError, array_to_tensor, open_dataset
 from defectclip.scoring import FeatureScorer, PatchCore, ScoringError, calibrate_threshold
-from defectclip.scoring.common import gaussian_blur, interpolation_matrix, measure_centre_offset, patch_scores_to_maps
+from defectclip.scoring.features import measure_centre_offset
+from defectclip.scoring.maps import gaussian_blur, interpolation_matrix, patch_scores_to_maps
 from defectclip.scoring.patchcore import (
     CANDIDATES_PER_ENTRY,
     CHUNK_POINTS,
@@ -155,9 +156,9 @@ def test_the_measured_centre_of_a_padded_cnn_differs_from_the_resize_convention(
     stride = 8  # the finest default stage
     assert abs(dy - (stride - 1) / 2) > 1 and abs(dx - (stride - 1) / 2) > 1
     # A second scorer on the same tower (few-shot builds many) reuses the measurement.
-    import defectclip.scoring.common as common
+    import defectclip.scoring.features as features
 
-    monkeypatch.setattr(common, "measure_centre_offset", lambda *args: pytest.fail("measured twice"))
+    monkeypatch.setattr(features, "measure_centre_offset", lambda *args: pytest.fail("measured twice"))
     assert PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu").features.centre_offset() == (dy, dx)
 
 

@@ -3,11 +3,20 @@
 Both follow one interface: `fit(normal images or a dataset)`, `calibrate(val images, labels)`,
 `predict(images) -> list[AnomalyResult]`, `save_pretrained(folder)` / `Class.from_pretrained(folder or org/repo)`;
 `FeatureScorer.from_pretrained` loads either, by the saved `model_type`.
+
+Each method (patchcore.py, padim.py) is only its model of normal patches; the harness around it is
+split by idea, as anomalib splits its torch models from their harness: inputs.py (image input),
+features.py (patch features), maps.py (anomaly maps), thresholds.py (calibration), base.py (the
+shared FeatureScorer and its artifact folder), errors.py (ScoringError).
 """
 
-from .common import FeatureScorer, ScoringError, calibrate_threshold, default_layers, gaussian_blur, load_config
+from .base import FeatureScorer, load_config
+from .errors import ScoringError
+from .features import default_layers
+from .maps import gaussian_blur
 from .padim import PaDiM
 from .patchcore import PatchCore, greedy_k_center, nearest_neighbours, select_coreset
+from .thresholds import calibrate_threshold
 
 SCORERS = {"patchcore": PatchCore, "padim": PaDiM}
 

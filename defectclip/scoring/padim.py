@@ -19,7 +19,9 @@ import torch
 from ..towers import OFFLINE_VISION, VisionTower
 from ..errors import ArtifactError
 from ..schema import Config, check_tensor
-from .common import DEFAULT_SIGMA, FeatureScorer, ScoringError
+from .base import FeatureScorer
+from .errors import ScoringError
+from .maps import DEFAULT_SIGMA
 
 DEFAULT_D = 100
 DEFAULT_EPSILON = 0.01

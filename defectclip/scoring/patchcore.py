@@ -30,7 +30,9 @@ import torch
 from ..towers import OFFLINE_VISION, VisionTower
 from ..errors import ArtifactError
 from ..schema import Config, check_tensor
-from .common import DEFAULT_SIGMA, FeatureScorer, ScoringError, resolve_device
+from .base import FeatureScorer, resolve_device
+from .errors import ScoringError
+from .maps import DEFAULT_SIGMA
 
 DEFAULT_CORESET_RATIO = 0.1
 DEFAULT_MAX_BANK_SIZE = 5000

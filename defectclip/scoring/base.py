@@ -1,0 +1,388 @@
+"""The scorer base shared by PatchCore and PaDiM, and its artifact folder.
+
+`FeatureScorer` holds the harness around each method's model: the tower and device, input batching
+(`inputs`), patch features (`features`), maps (`maps`), calibration (`thresholds`), and the
+artifact: `config.json` + `model.safetensors`, written atomically, read back strictly.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..artifacts import Artifact
+from ..data import Preprocess
+from ..errors import ArtifactError, DefectclipError
+from ..io import read_json_object, write_json_atomic
+from ..results import AnomalyResult
+from ..schema import MAX_SIGMA, Config, check_number, check_preprocess, check_tensor, confine_local_dir
+from ..towers import TowerError, VisionTower, build_vision_tower, split_spec
+from .errors import ScoringError
+from .features import PatchFeatures, check_layers, default_layers
+from .inputs import as_image_source, dataset_labels, iter_image_batches, normal_subset
+from .maps import DEFAULT_SIGMA, patch_scores_to_maps
+from .thresholds import DEFAULT_QUANTILE, calibrate_threshold, json_threshold
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (or None) picks the GPU when one is present, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def portable_spec(spec: str) -> str:
+    """A `local-dir:` spec with an absolute path, so a saved model loads from any working folder."""
+    kind, name = split_spec(spec)
+    if kind == "local-dir":
+        return f"local-dir:{Path(name).expanduser().resolve()}"
+    return spec
+
+
+def resolve_saved_spec(spec: str, folder: str | Path, root: str | Path | None = None,
+                       allow_absolute: bool = True) -> str:
+    """A saved `local-dir:<relative path>` tower is relative to the model folder itself.
+
+    That is how an exported model carries its own backbone (`local-dir:tower`) and still loads from
+    any place it is copied or downloaded to. The path must stay inside `root` (the artifact's top
+    folder, by default the model folder): see `defectclip.schema.confine_local_dir`.
+    """
+    return confine_local_dir(spec, folder, root, allow_absolute=allow_absolute)
+
+
+def build_tower(tower: str | VisionTower) -> VisionTower:
+    if isinstance(tower, VisionTower):
+        return tower
+    if isinstance(tower, str):
+        return build_vision_tower(portable_spec(tower))
+    raise ScoringError(f"tower must be a spec string or a VisionTower, got {type(tower).__name__}.")
+
+
+def write_model_files(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """config.json + model.safetensors into a (staging) folder."""
+    write_json_atomic(folder / CONFIG_NAME, config)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
+
+
+def _is_replaceable(folder: Path) -> bool:
+    """Only an empty folder or an earlier save is overwritten, never a folder of unrelated files."""
+    if not folder.is_dir():
+        return False
+    return {p.name for p in folder.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+
+
+def read_model_folder(
+    folder: str | Path, model_type: str, config_keys: set[str], tensor_keys: set[str]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a saved scorer, refusing missing or unexpected keys in either file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ScoringError(f"Model folder {folder} does not exist.")
+    config = read_json_object(folder / CONFIG_NAME, "a saved PatchCore / PaDiM")
+    if config.get("model_type") != model_type:
+        raise ScoringError(f"{folder} holds a {config.get('model_type')!r} model, not {model_type!r}.")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ScoringError(f"{folder} has format_version {config.get('format_version')}; this code reads {FORMAT_VERSION}.")
+    _require_same_keys(set(config), config_keys, folder / CONFIG_NAME)
+    return config, read_tensors(folder / WEIGHTS_NAME, tensor_keys)
+
+
+def read_tensors(weights: Path, tensor_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file; a damaged file is an ArtifactError naming it."""
+    if not weights.is_file():
+        raise ScoringError(f"{weights} not found: the model folder is incomplete.")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            _require_same_keys(set(handle.keys()), tensor_keys, weights)
+            return {key: handle.get_tensor(key) for key in tensor_keys}
+    except DefectclipError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors for a damaged file
+        raise ArtifactError(f"Cannot read {weights}: {type(err).__name__}: {err}. The file is damaged; save or download it again.") from err
+
+
+def check_base_config(config: Config) -> None:
+    """The entries every scorer's config.json shares (types, ranges, finite numbers)."""
+    config.string("tower")
+    config.strings("layers")
+    check_preprocess(config.sub("preprocess"))
+    config.number("sigma", 0.0, MAX_SIGMA)
+    config.number("seed", 0, None, integer=True)
+    config.number("threshold", optional=True)
+    config.string("calibration", optional=True)
+    config.number("num_train_images", 0, None, integer=True)
+
+
+def _require_same_keys(found: set[str], expected: set[str], path: Path) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ScoringError(f"{path}: missing keys {missing}, unexpected keys {unexpected}.")
+
+
+class FeatureScorer(Artifact, abc.ABC):
+    """Base of PatchCore and PaDiM: input handling, batching, maps, calibration, save/load.
+
+    Subclasses set `model_type`, `default_reductions`, `local_average`, and implement `_fit_batches`,
+    `_score_patches`, `_state_tensors`, `_set_state` and `_method_config`; `constructor_keys` names the
+    saved config entries their constructor takes besides the shared ones.
+    """
+
+    model_type: ClassVar[str]
+    default_reductions: ClassVar[tuple[int, ...]]
+    local_average: ClassVar[bool]
+    method_config_keys: ClassVar[set[str]]
+    constructor_keys: ClassVar[tuple[str, ...]]
+    state_keys: ClassVar[set[str]]
+
+    def __init__(
+        self,
+        tower: str | VisionTower,
+        layers: Sequence[str] | None,
+        image_size: int | Sequence[int] | None,
+        sigma: float,
+        seed: int,
+        device: str | torch.device | None,
+        batch_size: int,
+    ):
+        if batch_size < 1:
+            raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
+        try:
+            check_number(sigma, "sigma", 0.0, MAX_SIGMA)
+        except ArtifactError as err:
+            raise ScoringError(f"{err} (0 turns smoothing off; the papers use {DEFAULT_SIGMA:g}).") from None
+        self.device = resolve_device(device)
+        self.tower = build_tower(tower).to(self.device).eval()
+        self.layers = check_layers(self.tower, layers or default_layers(self.tower, self.default_reductions))
+        preprocess = self.tower.preprocess
+        self.preprocess = preprocess.with_size(image_size) if image_size is not None else preprocess
+        self.features = PatchFeatures(self.tower, self.layers, self.preprocess, self.local_average)
+        self.sigma = float(sigma)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.threshold: float | None = None
+        self.calibration: str | None = None
+        self.num_train_images = 0
+
+    # ---- fitting and scoring
+
+    @property
+    @abc.abstractmethod
+    def is_fitted(self) -> bool:
+        """Whether fit() has run (each method knows what its fitted state is)."""
+
+    def fit(self, images: Any) -> "FeatureScorer":
+        """Learn what normal patches look like from defect-free images (or a dataset's normal ones)."""
+        normal = normal_subset(images)
+        self._fit_batches(self._feature_batches(normal))
+        self._check_state_finite()
+        self.num_train_images = len(normal)
+        self.threshold, self.calibration = None, None  # a threshold of the previous model means nothing now
+        return self
+
+    def _feature_batches(self, images: Sequence[Any]) -> Iterator[torch.Tensor]:
+        for batch in iter_image_batches(images, self.batch_size, self.features.min_size, self.tower.spec):
+            yield self.features(self.features.model_input(batch, self.device))
+
+    @torch.no_grad()
+    def predict(self, images: Any) -> list[AnomalyResult]:
+        """One AnomalyResult per image; maps have each input image's size."""
+        self._require_fitted()
+        threshold = math.inf if self.threshold is None else self.threshold
+        results = []
+        for batch in iter_image_batches(as_image_source(images), self.batch_size, self.features.min_size, self.tower.spec):
+            maps, scores = self._score_batch(batch)
+            if not all(math.isfinite(score) for score in scores):
+                # A NaN score compares False with every threshold and would read as "normal".
+                raise ScoringError(
+                    f"{type(self).__name__} produced a NaN or infinite score: the model state or the tower's "
+                    "features are not finite on this image."
+                )
+            results.extend(AnomalyResult.from_map(m, s, threshold) for m, s in zip(maps, scores))
+        return results
+
+    def _score_batch(self, batch: list[torch.Tensor]) -> tuple[list[np.ndarray], list[float]]:
+        embedding = self.features(self.features.model_input(batch, self.device))
+        patch_scores, image_scores = self._score_patches(embedding)
+        sizes = [tuple(image.shape[-2:]) for image in batch]
+        maps = patch_scores_to_maps(patch_scores, self.preprocess.size, sizes, self.sigma, self.features.centre_offset())
+        if image_scores is None:
+            # The image score is the map's maximum, so "score >= threshold" and "the mask is not
+            # empty" always agree.
+            return maps, [float(m.max()) for m in maps]
+        return maps, [float(s) for s in image_scores.cpu()]
+
+    def _check_state_finite(self) -> None:
+        for name, tensor in self._state_tensors().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ScoringError(
+                    f"fit produced NaN or infinite values in {name}: the tower's features overflowed on these "
+                    "images. Check the images, or use another tower or precision."
+                )
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise ScoringError(f"This {type(self).__name__} is not fitted yet; call fit(normal_images) first.")
+
+    def calibrate(self, images: Any, labels: Sequence[int] | None = None, quantile: float = DEFAULT_QUANTILE) -> float:
+        """Set the decision threshold from validation images and return it.
+
+        With labels (1 = anomalous; a dataset brings its own) holding both classes, the threshold is
+        the F1-optimal image score; otherwise it is the `quantile` of the normal images' scores.
+        """
+        source = as_image_source(images)
+        if labels is None:
+            labels = dataset_labels(source)
+        scores = [result.score for result in self.predict(source)]
+        calibration = calibrate_threshold(scores, labels, quantile)
+        self.threshold, self.calibration = calibration.threshold, calibration.method
+        return self.threshold
+
+    # ---- saving and loading
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json + model.safetensors to `folder` (atomically; never pickle)."""
+        self._require_fitted()
+        folder = Path(folder)
+        if folder.exists() and not _is_replaceable(folder):
+            raise ScoringError(
+                f"{folder} exists and holds other files than a saved model; choose an empty or new folder."
+            )
+        return super().save_pretrained(folder)
+
+    def _write_artifact(self, folder: Path, **options: Any) -> None:
+        write_model_files(folder, self._config(), self._state_tensors())
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "format_version": FORMAT_VERSION,
+            "tower": portable_spec(self.tower.spec),
+            "layers": self.layers,
+            "preprocess": self.preprocess.to_dict(),
+            "sigma": self.sigma,
+            "seed": self.seed,
+            "threshold": json_threshold(self.threshold),
+            "calibration": self.calibration,
+            "num_train_images": self.num_train_images,
+            **self._method_config(),
+        }
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "model_type" in cls.__dict__:
+            SCORER_TYPES[cls.model_type] = cls
+
+    @classmethod
+    def _read_artifact(
+        cls, folder: Path, device: str | torch.device | None = "auto", tower: VisionTower | None = None,
+        root: str | Path | None = None, allow_absolute_tower: bool = True,
+    ) -> "FeatureScorer":
+        """Read a saved model; the tower is rebuilt from its spec unless a built one is passed.
+
+        Called on FeatureScorer itself, the folder's `model_type` picks the class (PatchCore or PaDiM).
+        Every config entry is checked (types, ranges, finite numbers) and every tensor against the
+        config and the tower before anything is used. A `local-dir:` tower must lie inside `root`
+        (default: `folder`); `allow_absolute_tower=False` also refuses absolute paths (downloads).
+        """
+        if "model_type" not in cls.__dict__:
+            return scorer_class(folder)._read_artifact(folder, device, tower, root, allow_absolute_tower)
+        config_keys = BASE_CONFIG_KEYS | cls.method_config_keys
+        config, tensors = read_model_folder(folder, cls.model_type, config_keys, cls.state_keys)
+        schema = Config(config, Path(folder) / CONFIG_NAME)
+        check_base_config(schema)
+        cls._check_method_config(schema)
+        spec = resolve_saved_spec(config["tower"], folder, root, allow_absolute_tower)
+        if tower is not None and portable_spec(tower.spec) != spec:
+            raise ScoringError(f"The model in {folder} was fitted with tower {spec!r}, not {tower.spec!r}.")
+        try:
+            built = tower if tower is not None else build_vision_tower(spec)
+        except TowerError as err:
+            raise ScoringError(f"Cannot rebuild the tower of {folder}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - a damaged bundled tower folder fails in timm or json
+            raise ArtifactError(f"Cannot rebuild the tower {spec!r} of {folder}: {type(err).__name__}: {err}") from err
+        preprocess = Preprocess.from_dict(config["preprocess"])
+        try:
+            scorer = cls._from_config(config, built, preprocess, device)
+        except ScoringError as err:
+            raise ArtifactError(f"{Path(folder) / CONFIG_NAME} does not fit its tower: {err}") from err
+        scorer.preprocess = preprocess
+        scorer.features = PatchFeatures(scorer.tower, scorer.layers, preprocess, cls.local_average)
+        weights = Path(folder) / WEIGHTS_NAME
+        for key, tensor in tensors.items():
+            check_tensor(tensor, key, weights, floating=tensor.is_floating_point() or key != "channels")
+        scorer._set_state(tensors, config, weights)
+        scorer.threshold = config["threshold"]
+        scorer.calibration = config["calibration"]
+        scorer.num_train_images = config["num_train_images"]
+        return scorer
+
+    # ---- what each method provides
+
+    @abc.abstractmethod
+    def _fit_batches(self, batches: Iterator[torch.Tensor]) -> None:
+        """Consume normal-image feature batches into the method's state."""
+
+    @abc.abstractmethod
+    def _score_patches(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """N x C x h x w features -> (N x h x w patch scores, N image scores or None = map maximum)."""
+
+    @abc.abstractmethod
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors saved in model.safetensors."""
+
+    @abc.abstractmethod
+    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], source: Path) -> None:
+        """Restore the state from saved tensors, checking their shapes against the config and tower."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _check_method_config(cls, config: Config) -> None:
+        """Types and ranges of the method's own config.json entries."""
+
+    def tower_feature_dim(self) -> int:
+        """Channels of one patch feature: the chosen stages' channels, concatenated."""
+        return sum(self.tower.stages[name].channels for name in self.layers)
+
+    @abc.abstractmethod
+    def _method_config(self) -> dict[str, Any]:
+        """The method's own config.json entries."""
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any], tower: VisionTower, preprocess: Preprocess, device) -> "FeatureScorer":
+        """Construct the method's scorer from a saved config, before its state is set."""
+        own = {key: config[key] for key in cls.constructor_keys}
+        return cls(tower, layers=config["layers"], image_size=preprocess.size, sigma=config["sigma"],
+                   seed=config["seed"], device=device, **own)
+
+
+BASE_CONFIG_KEYS = {
+    "model_type", "format_version", "tower", "layers", "preprocess", "sigma", "seed", "threshold",
+    "calibration", "num_train_images",
+}
+
+
+# model_type -> class, filled as PatchCore and PaDiM are defined.
+SCORER_TYPES: dict[str, type[FeatureScorer]] = {}
+
+
+def load_config(folder: str | Path) -> dict[str, Any]:
+    """The config.json of a saved scorer (to find out which class loads it)."""
+    return read_json_object(Path(folder) / CONFIG_NAME, "a saved PatchCore / PaDiM")
+
+
+def scorer_class(folder: Path) -> type[FeatureScorer]:
+    model_type = load_config(folder).get("model_type")
+    if not isinstance(model_type, str) or model_type not in SCORER_TYPES:
+        raise ScoringError(f"{folder} holds a {model_type!r} model; expected one of {sorted(SCORER_TYPES)}.")
+    return SCORER_TYPES[model_type]
