@@ -8,7 +8,8 @@ pretraining only the trunk is kept: downstream methods (PatchCore, PaDiM) use it
 Artifact folder (`TABBackbone.save_pretrained`):
     config.json + model.safetensors   the trunk in timm's own format: `build_vision_tower("local-dir:<folder>")`
                                       and `timm.create_model("local-dir:<folder>", pretrained=True)` load it
-    projection.safetensors            the projection head and the logit scale
+    projection.safetensors            the projection head and the logit scale (a trunk kept without it
+                                      still exports in timm format: see `read_trunk`)
     tab_config.json                   how it was trained (`TABConfig`)
 
 Logits layout used by the losses: rows are [normal images; their synthetic-anomaly versions] (2B),
@@ -185,11 +186,27 @@ class TABBackbone(Artifact, nn.Module):
 
         config = TABConfig.from_dict(read_json(folder / CONFIG_NAME))
         head_path = folder / HEAD_WEIGHTS
-        if not head_path.is_file():
-            raise TABError(f"{head_path} not found: {folder} has no TAB projection head.")
+        if not has_projection_head(folder):
+            raise TABError(f"{head_path} not found: {folder} has no TAB projection head. A trunk kept without "
+                           f"one still loads as a vision tower, build_vision_tower('local-dir:{folder}').")
         model = cls(build_vision_tower(f"local-dir:{folder}"), config)
         model.load_head_state_dict(load_file(str(head_path)), str(head_path))
         return model.eval()
+
+
+def has_projection_head(folder: str | Path) -> bool:
+    return (Path(folder) / HEAD_WEIGHTS).is_file()
+
+
+def read_trunk(folder: str | Path) -> tuple[VisionTower, TABConfig]:
+    """The trunk of a TAB folder and how it was trained, without the projection head.
+
+    After pretraining only the trunk matters (PatchCore and PaDiM use its feature maps), so a folder may
+    keep just the trunk and `tab_config.json`: the app's embedded default does, to stay small.
+    """
+    folder = Path(folder)
+    config = TABConfig.from_dict(read_json(folder / CONFIG_NAME, "a TAB backbone"))
+    return build_vision_tower(f"local-dir:{folder}"), config
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,14 +13,15 @@ import torch
 from conftest import save_png, textured_image
 from fake_hub import fake_hub  # noqa: F401  (pytest fixture)
 from huggingface_hub import ModelCard, RepoCard, metadata_load, snapshot_download
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from defectclip.alphaclip import AlphaDescriber
 from defectclip.artifacts import ArtifactError
 from defectclip.clip_ada import ClipADA, ClipADAConfig
 from defectclip.data import array_to_tensor
 from defectclip.scoring import FeatureScorer, PaDiM, PatchCore
-from defectclip.tab import TABBackbone, TABConfig
+from defectclip.tab import TABBackbone, TABConfig, TABError
+from defectclip.towers import build_vision_tower
 from hub.__main__ import main
 from defectclip.sharing.cards import (
     ALPHACLIP_WEIGHTS,
@@ -225,6 +226,52 @@ def test_a_failed_export_leaves_the_previous_one_intact(tab_model, tmp_path):
         export_tab_backbone(tab_model, out, broken)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tab"]  # no staging folder left behind
+
+
+@pytest.fixture(scope="module")
+def headless_tab(tab_model, tmp_path_factory) -> Path:
+    """A TAB trunk kept without its projection head, as the app's embedded default keeps it (in float16)."""
+    folder = tmp_path_factory.mktemp("headless") / "tab_backbone"
+    tab_model.trunk.save_pretrained(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, str(folder / "model.safetensors"))
+    (folder / "tab_config.json").write_text(json.dumps(tab_model.config.to_dict()))
+    return folder
+
+
+def test_a_tab_trunk_without_head_exports_in_timm_format_and_its_card_says_so(
+    fake_hub, headless_tab, tab_model, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "tab-trunk"
+    assert main(["export-tab", str(headless_tab), str(out), "--repo-id", "defectclip/tab-trunk"]) == 0
+    assert "push-model" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tab_config.json", "README.md"}
+    card = ModelCard.load(out / "README.md")
+    assert "No projection head is included" in card.text and "TABBackbone.from_pretrained" not in card.text
+    assert card.data.library_name == "timm"
+
+    push(out, "defectclip/tab-trunk")
+    (timm_snippet,) = run_card_snippets(out / "README.md", tmp_path / "run", monkeypatch)
+    # The exported trunk is the saved one: timm's features equal the float16-stored trunk's, to float16 rounding.
+    trunk = build_vision_tower(f"local-dir:{headless_tab}").eval()
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = list(trunk.forward_features(images, trunk.stage_names).values())
+        again = timm_snippet["backbone"](images)
+    assert [tuple(m.shape) for m in timm_snippet["feature_maps"]] == [tuple(m.shape) for m in expected]
+    for got, want, original in zip(again, expected, tab_model.trunk.forward_features(images, trunk.stage_names).values()):
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(got, original, atol=1e-2)  # float16 storage, not another model
+    with pytest.raises(TABError, match="no TAB projection head"):
+        TABBackbone.from_pretrained(out)
+
+
+def test_exporting_a_folder_that_is_no_tab_backbone_names_the_missing_file(tab_model, tmp_path):
+    folder = tmp_path / "plain_timm"
+    tab_model.trunk.save_pretrained(folder)  # a timm trunk, but nothing says it was TAB-trained
+    with pytest.raises(ArtifactError, match="tab_config.json not found.*TAB backbone"):
+        export_tab_backbone(folder, tmp_path / "out", CardInfo(repo_id="tab"))
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ Every exported folder loads with the same call from a local path and from the Hu
 - `export_tab_backbone`: timm format at the root (`config.json` with architecture, num_features and
   pretrained_cfg incl. mean/std; `model.safetensors`), so `timm.create_model("hf-hub:<repo>", pretrained=True,
   features_only=True)` and anomalib use it unchanged, plus `projection.safetensors` and `tab_config.json` for
-  `TABBackbone.from_pretrained("<repo>")`. The export is checked with timm itself before it is kept.
+  `TABBackbone.from_pretrained("<repo>")`. The export is checked with timm itself before it is kept. A trunk
+  saved without its projection head (the app's embedded default) exports in timm format alone, and its card
+  says that no head is included.
 - `export_scorer`: a PatchCore or PaDiM folder (config.json + model.safetensors: memory bank or Gaussian
   statistics, threshold, tower spec). A tower that is a local folder travels with it in `tower/`, and the
   config names it `local-dir:tower`, which the loader resolves against the scorer's own folder.
@@ -35,8 +37,8 @@ from ..alphaclip import OFFICIAL_WEIGHTS, AlphaDescriber
 from ..clip_ada import ClipADA
 from ..io import atomic_dir, read_json, write_json_atomic
 from ..scoring import FeatureScorer, default_layers
-from ..tab import TABBackbone
-from ..towers import split_spec
+from ..tab import CONFIG_NAME as TAB_CONFIG_NAME, TABBackbone, TABConfig, has_projection_head, read_trunk
+from ..towers import VisionTower, split_spec
 from .cards import ALPHACLIP_WEIGHTS, CardInfo, write_model_card
 
 TOWER_DIR = "tower"
@@ -65,19 +67,43 @@ class ExportError(DefectclipError):
 
 
 def export_tab_backbone(source: str | Path | TABBackbone, out: str | Path, card: CardInfo) -> Path:
-    """Write a TAB backbone in timm format (+ its TAB head and config) with a model card to `out`."""
+    """Write a TAB backbone in timm format (+ its TAB head and config) with a model card to `out`.
+
+    A local folder that holds the trunk without its projection head exports the trunk alone: the timm
+    format needs nothing else, and the card then offers only the timm and PatchCore ways to load it.
+    """
+    if not isinstance(source, TABBackbone) and Path(source).is_dir() and not has_projection_head(source):
+        return export_tab_trunk(source, out, card)
     model = source if isinstance(source, TABBackbone) else TABBackbone.from_pretrained(source)
     with atomic_dir(out) as staging:
         model._write_artifact(staging)
-        check_timm_features(staging, model)
-        write_model_card(staging, "tab", card, tab_facts(model), [model.config.vision, model.config.text])
-        make_readable(staging)
+        finish_tab_export(staging, model.trunk, model.config, card, head=True)
     return Path(out)
 
 
-def tab_facts(model: TABBackbone) -> dict[str, Any]:
-    trunk, config, preprocess = model.trunk, model.config, model.preprocess
+def export_tab_trunk(folder: str | Path, out: str | Path, card: CardInfo) -> Path:
+    """Write a TAB trunk kept without its projection head: timm format + `tab_config.json` + card."""
+    trunk, config = read_trunk(folder)
+    with atomic_dir(out) as staging:
+        # Saved from the loaded trunk rather than copied, so the files are the timm format this code writes
+        # (and a half-precision trunk comes back as the float32 weights every loader expects).
+        trunk.save_pretrained(staging)
+        write_json_atomic(staging / TAB_CONFIG_NAME, config.to_dict())
+        finish_tab_export(staging, trunk, config, card, head=False)
+    return Path(out)
+
+
+def finish_tab_export(staging: Path, trunk: VisionTower, config: TABConfig, card: CardInfo, head: bool) -> None:
+    """Check the timm-format files just written, then add the card and share the folder."""
+    check_timm_features(staging, trunk)
+    write_model_card(staging, "tab", card, tab_facts(trunk, config, head), [config.vision, config.text])
+    make_readable(staging)
+
+
+def tab_facts(trunk: VisionTower, config: TABConfig, head: bool) -> dict[str, Any]:
+    preprocess = trunk.preprocess
     return {
+        "head": head,
         "architecture": trunk.timm_args["architecture"],
         "num_features": trunk.num_features,
         "input_size": list(preprocess.size),
@@ -96,7 +122,7 @@ def tab_facts(model: TABBackbone) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def check_timm_features(folder: Path, model: TABBackbone) -> None:
+def check_timm_features(folder: Path, trunk: VisionTower) -> None:
     """timm's own `features_only` loader must rebuild the trunk from `folder` and give its feature maps.
 
     This is the promise of the timm format (and what anomalib relies on), so it is checked on the files
@@ -104,14 +130,13 @@ def check_timm_features(folder: Path, model: TABBackbone) -> None:
     """
     import timm
 
-    trunk = model.trunk
     was_training = trunk.training
     trunk.eval()
     try:
         with quiet_logger("timm"):  # features_only drops the classifier, whose weights timm reports as unexpected
             extractor = timm.create_model(f"local-dir:{folder}", pretrained=True, features_only=True).eval()
         names = list(extractor.feature_info.module_name())
-        images = torch.rand(1, 3, *model.preprocess.size, generator=torch.Generator().manual_seed(0))
+        images = torch.rand(1, 3, *trunk.preprocess.size, generator=torch.Generator().manual_seed(0))
         device = next(trunk.parameters()).device
         expected = trunk.forward_features(images.to(device), names)
         for name, got in zip(names, extractor(images)):
