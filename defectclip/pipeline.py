@@ -29,7 +29,7 @@ from .results import AnomalyResult
 
 FEW_SHOT = "few-shot"
 REFERENCE_FREE = "reference-free (CLIP-ADA)"
-MAX_FEW_SHOT_IMAGES = 16
+MAX_FEW_SHOT_IMAGES = 16  # = defectclip.scoring.few_shot.MAX_REFERENCES
 
 
 class PipelineError(ValueError):
@@ -44,10 +44,16 @@ class InspectionModel:
     object: str  # what the model inspects, e.g. "magnetic tile"; "" when it is object-agnostic
     kind: str  # "patchcore", "padim" or "clip_ada"
     scorer: Any  # has predict(list of images) -> list[AnomalyResult] and a `threshold`
+    report: Any = None  # few-shot: the FewShotReport of the build (merged and left-out references)
 
     @property
     def threshold(self) -> float:
         return float(self.scorer.threshold)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know about how this model was built (few-shot merges, outliers)."""
+        return self.report.messages() if self.report is not None else []
 
 
 def _object_of(folder: Path) -> str:
@@ -76,7 +82,7 @@ class InspectionPipeline:
     """Scoring, few-shot fitting and region description for the app (thread-safe for inference)."""
 
     def __init__(self, models: dict[str, InspectionModel], describer=None, clip_ada=None,
-                 few_shot_tower: str = "offline:efficientnet_lite0", few_shot_image_size: int = 256):
+                 few_shot_tower: str = "offline:efficientnet_lite0", few_shot_image_size: int = 224):
         self.models = dict(models)
         self.describer = describer
         self.clip_ada = clip_ada
@@ -85,8 +91,11 @@ class InspectionPipeline:
         self.few_shot_tower = few_shot_tower
         self.few_shot_image_size = few_shot_image_size
         # torch modules are not safe to call from many threads at once: the app's queue runs
-        # several requests concurrently, so model calls are serialised here.
+        # several requests concurrently, so calls into the installed models are serialised here.
+        # Few-shot builds do not take this lock: they run on their own tower (see fit_few_shot).
         self._lock = threading.Lock()
+        self._few_shot_tower_lock = threading.Lock()
+        self._few_shot_tower_built = None
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -119,33 +128,39 @@ class InspectionPipeline:
         with self._lock:
             return inspection.scorer.predict([_check_rgb(image)])[0]
 
-    def fit_few_shot(self, normal_images: Sequence[np.ndarray], object_name: str = "") -> InspectionModel:
+    def fit_few_shot(self, normal_images: Sequence[np.ndarray], object_name: str = "", seed: int = 0) -> InspectionModel:
         """Build a PatchCore bank from 1-16 normal reference images of the object, on the spot.
 
-        The threshold is set a margin above the highest reference score (each reference scored against
-        a bank of the others), because a handful of images cannot give a meaningful quantile.
+        One feature pass per reference, no refits; the threshold comes from the references alone
+        (their held-out scores against synthetic defects made from them, defectclip.scoring.few_shot).
+        Identical references are merged and outliers left out; `InspectionModel.notes` says which.
+        The build holds no pipeline-wide lock, so other sessions keep scoring meanwhile.
         """
-        from .scoring import PatchCore
+        from .scoring.few_shot import FewShotError, check_reference_count, fit_few_shot
 
-        images = [_check_rgb(image) for image in normal_images]
-        if not 1 <= len(images) <= MAX_FEW_SHOT_IMAGES:
-            raise PipelineError(f"Few-shot needs 1 to {MAX_FEW_SHOT_IMAGES} normal images, got {len(images)}.")
-        with self._lock:
-            scorer = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0)
-            scorer.fit(images)
-            scorer.threshold = self._few_shot_threshold(scorer, images)
-        return InspectionModel(f"{FEW_SHOT} ({len(images)} refs)", object_name, "patchcore", scorer)
+        try:
+            check_reference_count(len(normal_images))
+            images = [_check_rgb(image) for image in normal_images]
+            scorer, report = fit_few_shot(images, self.few_shot_tower_model(), self.few_shot_image_size, seed=seed)
+        except FewShotError as err:
+            raise PipelineError(str(err)) from err
+        name = f"{FEW_SHOT} ({len(report.used)} refs)"
+        return InspectionModel(name, object_name, "patchcore", scorer, report=report)
 
-    def _few_shot_threshold(self, scorer, images: list[np.ndarray]) -> float:
-        if len(images) == 1:
-            # One reference scores zero against itself; borrow the typical margin of a fitted model.
-            return float(max(r.score for r in scorer.predict(images)) + 1.0)
-        held_out = []
-        for index, image in enumerate(images):
-            rest = [img for i, img in enumerate(images) if i != index]
-            probe = type(scorer)(scorer.tower, image_size=self.few_shot_image_size, coreset_ratio=1.0)
-            held_out.append(probe.fit(rest).predict([image])[0].score)
-        return float(max(held_out) * 1.1)
+    def few_shot_tower_model(self):
+        """The few-shot tower, built once and shared by every session's bank (read-only at inference).
+
+        Its patch-centre offset is measured here, once, under a lock of its own: that is the only
+        step that runs a backward pass through the tower.
+        """
+        with self._few_shot_tower_lock:
+            if self._few_shot_tower_built is None:
+                from .scoring import PatchCore
+
+                probe = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0)
+                probe.features.centre_offset()
+                self._few_shot_tower_built = probe.tower
+            return self._few_shot_tower_built
 
     def regions(self, result: AnomalyResult, threshold: float | None = None) -> list[np.ndarray]:
         """Predicted defect regions at `threshold` (default: the model's own)."""

@@ -205,6 +205,30 @@ def test_threshold_is_a_quantile_of_normal_scores_else_one_half(towers):
     assert model.calibrate_threshold(normals, quantile=0.9) == pytest.approx(np.quantile(scores, 0.9))
 
 
+def test_reference_free_model_has_a_threshold_like_every_scorer(towers):
+    from defectclip.pipeline import REFERENCE_FREE, InspectionModel
+
+    model = make_model(towers, threshold=0.37)
+    assert InspectionModel(REFERENCE_FREE, "", "clip_ada", model).threshold == pytest.approx(0.37)
+    model.threshold = 0.61
+    assert model.config.threshold == pytest.approx(0.61) and model.predict([torch.rand(3, 64, 64)])[0].threshold == pytest.approx(0.61)
+
+
+def test_synthetic_calibration_places_the_threshold_from_normal_images_alone(towers):
+    from conftest import textured_image
+    from defectclip.scoring.few_shot import place_threshold, synthetic_copies
+
+    model = make_model(towers)
+    rng = np.random.default_rng(0)
+    normals = [textured_image(rng, (64, 64)) for _ in range(4)]
+    rule = model.calibrate_synthetic(normals, seed=3)
+    normal = [r.score for r in model.predict(normals)]
+    defective = [r.score for r in model.predict(synthetic_copies(normals, seed=3))]
+    assert model.threshold == pytest.approx(place_threshold(normal, defective)[0]) and rule
+    with pytest.raises(ValueError, match="at least one defect-free image"):
+        model.calibrate_synthetic([])
+
+
 def test_vit_towers_refuse_a_non_native_size(clip_towers):
     with pytest.raises(ValueError, match="native size"):
         make_model(clip_towers, image_size=96)
