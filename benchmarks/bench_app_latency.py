@@ -1,44 +1,66 @@
-"""App latency and concurrency: upload -> heatmap, click -> description, and 20 clients at once.
+"""App latency, memory and concurrency: upload -> heatmap, click -> caption, 100 sessions in a row, 20 at once.
 
-Prints JSON lines. Usage:
-  python benchmarks/bench_app_latency.py [--models demo/default] [--size 256] [--repeats 20] [--clients 20]
+Prints JSON lines and writes benchmarks/results/app_latency.json. Usage:
+  python benchmarks/bench_app_latency.py [--models demo/default] [--size 256] [--repeats 20]
+                                         [--sessions 100] [--warmup 10] [--clients 20] [--threads 1]
 
-- "upload_to_heatmap": read the file, score, render the overlay with outlines (the /score handler).
-- "click_to_description": region from the click + ranking the candidate captions (the click handler).
-- "concurrency": the real Gradio server; N gradio_client sessions each upload their own image at the
-  same time; each must get back its own image's score (no cross-user state), with no error.
+- "upload_to_heatmap": read the file, score, render the overlay, enlarge, outline (the upload handler).
+- "click_to_caption": region from the click + ranking the candidate captions (the click handler).
+- "sessions": the real app (`python -c 'from demo.app import main; main()'`) in its own process; each session
+  is a fresh gradio_client that uploads, clicks and describes all regions, then disconnects. The server's
+  RSS is read after `--warmup` sessions and again after `--sessions` more: rss_growth_mb_100_sessions.
+  Also counted: files in the app's cache, and any readable by other users.
+- "concurrency": N clients upload their own image at the same time against that server; each must get its
+  own image's score back ("leaks" counts results that belong to another client's image), with no error.
+Test images: defective magnetic_tile test images resized to size x size (the development data).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import socket
+import stat
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from defectclip.data import MVTecDataset
-from defectclip.pipeline import InspectionPipeline
-from demo import handlers
-from demo.models import EMBEDDED_DEFAULT
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "magnetic_tile"
+RESULTS = ROOT / "benchmarks" / "results" / "app_latency.json"
+SERVER_START_S = 300
 
 
-def machine() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}"
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine(threads: int) -> str:
+    cores = os.cpu_count()
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} GPU, {cores}-core CPU ({cpu_model()}), {threads} torch thread(s)"
+    return f"{cores}-core CPU dev machine, {cpu_model()}, {threads} torch thread(s), no GPU"
 
 
 def test_images(size: int, count: int) -> list[Path]:
     """Defective magnetic-tile test images resized to size x size, written to a temp folder."""
+    from defectclip.data import MVTecDataset
+
     folder = Path(tempfile.mkdtemp(prefix="defectclip-bench-"))
     refs = [r for r in MVTecDataset(DATA, "test").refs if r.defect != "good"][:count]
     paths = []
@@ -55,10 +77,16 @@ def percentiles(samples: list[float]) -> dict:
             "p90_ms": round(1000 * ordered[int(0.9 * (len(ordered) - 1))], 1), "n": len(ordered)}
 
 
-def bench_handlers(pipeline: InspectionPipeline, paths: list[Path], repeats: int) -> dict:
+# ------------------------------------------------------------------------------------------ handlers
+
+
+def bench_handlers(pipeline, paths: list[Path], repeats: int) -> dict:
+    from demo import handlers
+
     model = pipeline.model_names[0]
     session = handlers.Session()
     handlers.score_upload(pipeline, session, str(paths[0]), model)  # warm-up
+    handlers.describe_point(pipeline, session, 1, 1)
     upload, click = [], []
     for index in range(repeats):
         path = paths[index % len(paths)]
@@ -69,25 +97,100 @@ def bench_handlers(pipeline: InspectionPipeline, paths: list[Path], repeats: int
         start = time.perf_counter()
         handlers.describe_point(pipeline, session, float(x), float(y))
         click.append(time.perf_counter() - start)
-    return {"upload_to_heatmap": percentiles(upload), "click_to_description": percentiles(click)}
+    return {"upload_to_heatmap": percentiles(upload), "click_to_caption": percentiles(click)}
 
 
-def bench_concurrency(pipeline: InspectionPipeline, paths: list[Path], clients: int) -> dict:
+# ---------------------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(models: Path, threads: int, cache: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, DEFECTCLIP_MODELS=str(models), GRADIO_SERVER_PORT=str(port), GRADIO_TEMP_DIR=str(cache),
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", GRADIO_ANALYTICS_ENABLED="False")
+    log = open(cache.parent / "server.log", "w")  # noqa: SIM115  (closed with the process)
+    server = subprocess.Popen([sys.executable, "-c", "from demo.app import main; main()"], cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + SERVER_START_S
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the app exited; see {cache.parent / 'server.log'}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return server, url
+        except OSError:
+            time.sleep(1)
+    server.kill()
+    raise RuntimeError("the app did not start in time")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def one_session(url: str, path: Path, model: str) -> float:
+    """A user: upload, click the hottest spot, describe all regions, leave. Returns the score shown."""
     from gradio_client import Client, handle_file
 
-    from demo.app import build_demo
+    client = Client(url, verbose=False)
+    try:
+        outputs = client.predict(handle_file(str(path)), model, None, "", api_name="/score")
+        client.predict(10, 10, api_name="/describe_point")
+        client.predict(api_name="/describe_all")
+        return float(outputs[2])
+    finally:
+        client.close()
 
-    model = pipeline.model_names[0]
-    expected = [round(pipeline.score(np.asarray(Image.open(p).convert("RGB")), model).score, 4) for p in paths[:clients]]
-    demo = build_demo(pipeline)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+
+def cache_report(cache: Path) -> dict:
+    files = [Path(root) / name for root, _, names in os.walk(cache) for name in names]
+    open_to_others = [f for f in files if stat.S_IMODE(f.stat().st_mode) & 0o077]
+    reachable = stat.S_IMODE(cache.stat().st_mode) & 0o077 != 0
+    return {"cache_files": len(files), "cache_dir_mode": oct(stat.S_IMODE(cache.stat().st_mode)),
+            "files_readable_by_others": len(open_to_others) if reachable else 0}
+
+
+def bench_sessions(url: str, pid: int, paths: list[Path], model: str, warmup: int, sessions: int,
+                   cache: Path) -> dict:
+    for index in range(warmup):
+        one_session(url, paths[index % len(paths)], model)
+    time.sleep(1)
+    before = rss_mb(pid)
+    samples = []
+    start = time.perf_counter()
+    for index in range(sessions):
+        one_session(url, paths[index % len(paths)], model)
+        if (index + 1) % 10 == 0:
+            samples.append(round(rss_mb(pid) - before, 1))
+    wall = time.perf_counter() - start
+    time.sleep(1)
+    after = rss_mb(pid)
+    return {"warmup_sessions": warmup, "sessions": sessions, "rss_after_warmup_mb": round(before, 1),
+            "rss_after_mb": round(after, 1), "rss_growth_mb_100_sessions": round((after - before) * 100 / sessions, 1),
+            "rss_growth_every_10_sessions_mb": samples, "wall_s": round(wall, 1), **cache_report(cache)}
+
+
+def bench_concurrency(url: str, paths: list[Path], model: str, expected: list[str], clients: int) -> dict:
+    from gradio_client import Client, handle_file
+
     outcomes: list = [None] * clients
 
     def one_client(index: int) -> None:
         try:
             client = Client(url, verbose=False)
-            _, score, _, _, _ = client.predict(handle_file(str(paths[index])), model, None, "", api_name="/score")
-            outcomes[index] = ("ok", score)
+            outputs = client.predict(handle_file(str(paths[index])), model, None, "", api_name="/score")
+            outcomes[index] = ("ok", outputs[2], outputs[4])
+            client.close()
         except Exception as err:  # the benchmark reports every failure instead of stopping at the first
             outcomes[index] = ("error", repr(err))
 
@@ -98,26 +201,60 @@ def bench_concurrency(pipeline: InspectionPipeline, paths: list[Path], clients: 
     for thread in threads:
         thread.join(timeout=600)
     wall = time.perf_counter() - start
-    demo.close()
     errors = [o for o in outcomes if o is None or o[0] != "ok"]
-    mixed_up = [i for i, o in enumerate(outcomes) if o and o[0] == "ok" and abs(o[1] - expected[i]) > 1e-3]
-    return {"clients": clients, "errors": len(errors), "wrong_results": len(mixed_up), "wall_s": round(wall, 2),
+    leaks = [i for i, o in enumerate(outcomes) if o and o[0] == "ok" and o[1] != expected[i]]
+    return {"clients": clients, "errors": len(errors), "leaks": len(leaks), "wall_s": round(wall, 2),
             "error_examples": [e[1] for e in errors[:3] if e]}
 
 
 def main(argv=None) -> int:
+    from defectclip.pipeline import InspectionPipeline
+    from demo.models import EMBEDDED_DEFAULT
+    from demo.render import number_text
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=EMBEDDED_DEFAULT, help="pipeline folder to load")
     parser.add_argument("--size", type=int, default=256, help="test image side in pixels")
-    parser.add_argument("--repeats", type=int, default=20, help="timed requests per measurement")
+    parser.add_argument("--repeats", type=int, default=20, help="timed requests per latency measurement")
+    parser.add_argument("--sessions", type=int, default=100, help="sessions in a row for the memory measurement")
+    parser.add_argument("--warmup", type=int, default=10, help="sessions before the first RSS reading")
     parser.add_argument("--clients", type=int, default=20, help="concurrent gradio_client sessions")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (here and in the server)")
+    parser.add_argument("--device", default="auto", help="where the models run: auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = parser.parse_args(argv)
-    pipeline = InspectionPipeline.from_folder(args.models)
+    torch.set_num_threads(args.threads)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    pipeline = InspectionPipeline.from_folder(args.models).to(device)
+    model = pipeline.model_names[0]
     paths = test_images(args.size, max(args.clients, 10))
-    result = {"machine": machine(), "image_size": args.size, **bench_handlers(pipeline, paths, args.repeats)}
-    print(json.dumps(result))
-    if args.clients:
-        print(json.dumps({"machine": machine(), "concurrency": bench_concurrency(pipeline, paths, args.clients)}))
+    shown_models = args.models.resolve()
+    shown_models = shown_models.relative_to(ROOT) if shown_models.is_relative_to(ROOT) else shown_models
+    results = {"machine": machine(args.threads), "device": device, "models": str(shown_models), "model": model,
+               "image_size": args.size, "data": "magnetic_tile test defects (subset, resized)"}
+    results.update(bench_handlers(pipeline, paths, args.repeats))
+    print(json.dumps({k: results[k] for k in ("machine", "upload_to_heatmap", "click_to_caption")}), flush=True)
+
+    if args.sessions or args.clients:
+        expected = [number_text(pipeline.score(np.asarray(Image.open(p).convert("RGB")), model).score) for p in paths]
+        cache = Path(tempfile.mkdtemp(prefix="defectclip-bench-app-")) / "cache"
+        server, url = start_server(args.models, args.threads, cache)
+        try:
+            if args.sessions:
+                results["sessions"] = bench_sessions(url, server.pid, paths, model, args.warmup, args.sessions, cache)
+                results["rss_growth_mb_100_sessions"] = results["sessions"]["rss_growth_mb_100_sessions"]
+                print(json.dumps({"sessions": results["sessions"]}), flush=True)
+            if args.clients:
+                results["concurrency"] = bench_concurrency(url, paths, model, expected, args.clients)
+                print(json.dumps({"concurrency": results["concurrency"]}), flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(args.out)  # atomic: a killed run never leaves half a results file
     return 0
 
 

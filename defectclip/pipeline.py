@@ -64,16 +64,58 @@ def _object_of(folder: Path) -> str:
     return folder.name.replace("_", " ")
 
 
-def load_scorers(folder: Path) -> dict[str, InspectionModel]:
-    """Every PatchCore/PaDiM folder under `folder`, keyed by a readable name."""
-    from .scoring import load_config, load_scorer
+METHOD_NAMES = {"patchcore": "PatchCore", "padim": "PaDiM", "clip_ada": "CLIP-ADA"}
+
+
+def backbone_label(spec: str, folder: Path | None = None) -> str:
+    """A tower spec as a person would name it: 'timm:resnet18' -> 'resnet18 (ImageNet)',
+    'local-dir:../tab_backbone' -> 'TAB efficientnet_lite0' (read from the folder), never a path."""
+    kind, _, name = spec.partition(":")
+    if kind in ("timm", "offline"):
+        return f"{name} (ImageNet)"
+    if kind == "hf-hub":
+        return name.rstrip("/").split("/")[-1]
+    if kind == "open_clip":
+        return f"{name.split('/')[0]} (CLIP)"
+    if kind == "local-dir":
+        local = Path(name) if folder is None or Path(name).is_absolute() else folder / name
+        return _local_backbone_label(local)
+    return spec.replace(":", " ")
+
+
+def _local_backbone_label(folder: Path) -> str:
+    config = folder / "config.json"
+    try:
+        architecture = json.loads(config.read_text()).get("architecture") if config.is_file() else None
+    except (OSError, ValueError):
+        architecture = None
+    name = architecture or folder.resolve().name.replace("_", " ")
+    return f"TAB {name}" if (folder / "tab_config.json").is_file() else name
+
+
+def plain_model_name(object_name: str, model_type: str, backbone: str) -> str:
+    """What the app's model list shows: object · method · backbone."""
+    return f"{object_name or 'any object'} · {METHOD_NAMES.get(model_type, model_type)} · {backbone}"
+
+
+def load_scorers(folder: Path, device: str = "cpu") -> dict[str, InspectionModel]:
+    """Every PatchCore/PaDiM folder under `folder`, keyed by a plain name (object · method · backbone).
+
+    Scorers are loaded on `device` (the CPU by default) and moved once with `InspectionPipeline.to`:
+    picking CUDA while loading would touch the GPU before a ZeroGPU Space has imported `spaces`.
+    """
+    from .scoring import SCORERS, load_config
 
     models = {}
     for model_dir in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
         config = load_config(model_dir)
-        scorer = load_scorer(model_dir)
+        if config.get("model_type") not in SCORERS:
+            raise PipelineError(f"{model_dir} holds a {config.get('model_type')!r} model; expected one of {sorted(SCORERS)}.")
+        scorer = SCORERS[config["model_type"]].load(model_dir, device=device)
         object_name = _object_of(model_dir)
-        name = f"{object_name} · {config['model_type']} · {config.get('tower', '')}"
+        name = plain_model_name(object_name, config["model_type"], backbone_label(config.get("tower", ""), model_dir))
+        if name in models:  # two folders that differ only in details the plain name leaves out
+            name = f"{name} ({model_dir.name})"
         models[name] = InspectionModel(name, object_name, config["model_type"], scorer)
     return models
 
@@ -96,6 +138,7 @@ class InspectionPipeline:
         self._lock = threading.Lock()
         self._few_shot_tower_lock = threading.Lock()
         self._few_shot_tower_built = None
+        self.device = None  # None: each model where it was loaded (the CPU); set by `to`
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -110,6 +153,37 @@ class InspectionPipeline:
         if not models and clip_ada is None:
             raise PipelineError(f"{root} holds no scorer (scorers/<name>/) and no CLIP-ADA head (clip_ada/).")
         return cls(models, describer, clip_ada, **kwargs)
+
+    # -- device placement ---------------------------------------------------------------------------
+
+    def to(self, device: str | Any) -> "InspectionPipeline":
+        """Move every model (scorers, few-shot tower, describer, CLIP-ADA) to `device`, once, at start-up.
+
+        The app calls this after loading everything on the CPU (and, on a ZeroGPU Space, after
+        `import spaces`), so no model ever picks its device on its own.
+        """
+        import torch
+
+        device = torch.device(device)
+        with self._lock:
+            for model in self.models.values():
+                _move_model(model.scorer, device)
+            for module in (self.describer,):
+                if module is not None:
+                    _move_model(module, device)
+        with self._few_shot_tower_lock:
+            self._few_shot_tower_built = None  # rebuilt on `device` at the next few-shot build
+        self.device = device
+        return self
+
+    def tensors(self) -> dict[str, Any]:
+        """Every parameter, buffer and state tensor of every model, by a readable name (for placement checks)."""
+        found = {}
+        for name, model in self.models.items():
+            found.update({f"{name}/{key}": value for key, value in _model_tensors(model.scorer).items()})
+        if self.describer is not None:
+            found.update({f"describer/{key}": value for key, value in _model_tensors(self.describer).items()})
+        return found
 
     # -- scoring ----------------------------------------------------------------------------------
 
@@ -128,6 +202,12 @@ class InspectionPipeline:
         with self._lock:
             return inspection.scorer.predict([_check_rgb(image)])[0]
 
+    def min_image_side(self, model: str | InspectionModel) -> int:
+        """The smallest image side `model` can score (one patch of its coarsest stage); 1 if it has no limit."""
+        inspection = model if isinstance(model, InspectionModel) else self.model(model)
+        features = getattr(inspection.scorer, "features", None)
+        return int(getattr(features, "min_size", 1) or 1)
+
     def fit_few_shot(self, normal_images: Sequence[np.ndarray], object_name: str = "", seed: int = 0) -> InspectionModel:
         """Build a PatchCore bank from 1-16 normal reference images of the object, on the spot.
 
@@ -141,7 +221,8 @@ class InspectionPipeline:
         try:
             check_reference_count(len(normal_images))
             images = [_check_rgb(image) for image in normal_images]
-            scorer, report = fit_few_shot(images, self.few_shot_tower_model(), self.few_shot_image_size, seed=seed)
+            scorer, report = fit_few_shot(images, self.few_shot_tower_model(), self.few_shot_image_size, seed=seed,
+                                          device=self.device or "cpu")
         except FewShotError as err:
             raise PipelineError(str(err)) from err
         name = f"{FEW_SHOT} ({len(report.used)} refs)"
@@ -157,7 +238,8 @@ class InspectionPipeline:
             if self._few_shot_tower_built is None:
                 from .scoring import PatchCore
 
-                probe = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0)
+                probe = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0,
+                                  device=self.device or "cpu")
                 probe.features.centre_offset()
                 self._few_shot_tower_built = probe.tower
             return self._few_shot_tower_built
@@ -216,3 +298,36 @@ def _load_clip_ada(folder: Path):
     from .clip_ada import ClipADA
 
     return ClipADA.load(folder)
+
+
+def _move_model(model: Any, device) -> None:
+    """Move a torch module, or a scorer (its tower plus the state tensors it holds as attributes)."""
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
+        cache = getattr(model, "_caption_cache", None)  # the describer's text embeddings
+        if isinstance(cache, dict):
+            for key, value in cache.items():
+                cache[key] = value.to(device)
+        return
+    model.tower.to(device)
+    for key, value in vars(model).items():
+        if isinstance(value, torch.Tensor):
+            setattr(model, key, value.to(device))
+    model.device = device
+
+
+def _model_tensors(model: Any) -> dict[str, Any]:
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        found = dict(model.named_parameters())
+        found.update(dict(model.named_buffers()))
+        cache = getattr(model, "_caption_cache", None)
+        if isinstance(cache, dict):
+            found.update({f"caption_cache/{key}": value for key, value in cache.items()})
+        return found
+    found = {f"tower.{key}": value for key, value in _model_tensors(model.tower).items()}
+    found.update({key: value for key, value in vars(model).items() if isinstance(value, torch.Tensor)})
+    return found

@@ -38,6 +38,9 @@ def _add_push_command(subparsers, command: str, repo_type: str) -> None:
                         help="tries in all when the network or the Hub fails (default %(default)s)")
     parser.add_argument("--retry-delay", type=float, default=RetryPolicy.base_delay,
                         help="seconds before the first retry; doubles each time (default %(default)s)")
+    if repo_type == "space":
+        parser.add_argument("--hardware", default=None,
+                            help="hardware to request for the Space (default: the folder's suggested_hardware)")
     parser.set_defaults(repo_type=repo_type, handler=_run_push)
 
 
@@ -115,10 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    push_folder(
-        args.folder,
-        args.repo,
-        args.repo_type,
+    options = dict(
         dry_run=args.dry_run,
         force=args.force,
         private=True if args.private else None,
@@ -126,6 +126,12 @@ def _run_push(args: argparse.Namespace) -> int:
         commit_message=args.message,
         retry=RetryPolicy(attempts=max(args.attempts, 1), base_delay=args.retry_delay),
     )
+    if args.repo_type == "space":  # a Space is created with its hardware requested
+        from hub.space import push_space
+
+        push_space(args.folder, args.repo, args.hardware, **options)
+    else:
+        push_folder(args.folder, args.repo, args.repo_type, **options)
     return 0
 
 

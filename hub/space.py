@@ -5,10 +5,12 @@ its repo root, so they import from there), `app.py` starts the app with the mode
 `requirements.txt` is the repository's, and README.md carries the Space's front matter (sdk, sdk_version,
 app_file, suggested_hardware, models, datasets) rendered from cards/space_readme.md.j2.
 
-Why `spaces` is not added to requirements.txt: the app needs it only on ZeroGPU hardware, whose
-environment comes with its own `spaces` package (a pinned copy could disagree with the platform's);
-everywhere else `demo.app.on_gpu` finds no `spaces` and leaves functions undecorated. The suggested
-hardware is a dedicated T4, where a plain PyTorch install works.
+The Space follows Hugging Face's ZeroGPU pattern and runs unchanged on CPU or dedicated-GPU hardware:
+`app.py` imports `spaces` before anything touches CUDA, `demo.app.prepare_for_serving` moves every model to
+the GPU once at start-up and runs the model calls under `@spaces.GPU`. `requirements.txt` therefore lists
+`spaces` (pinned; on other hardware it is installed but `@spaces.GPU` does nothing). `push_space` creates
+the Space with its hardware requested (`suggested_hardware` in README.md is only a hint to people who
+duplicate it), and asks for it again when the Space already exists.
 
 Why `gradio` is dropped from requirements.txt: a Gradio Space installs the version named by `sdk_version`,
 and a second pin could only disagree with it.
@@ -28,7 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE_README_TEMPLATE = REPO_ROOT / "cards" / "space_readme.md.j2"
 PACKAGES = ("defectclip", "demo")
 DEFAULT_MODELS_REPO = "inspection-models"
-DEFAULT_HARDWARE = "t4-small"
+DEFAULT_HARDWARE = "zero-a10g"  # ZeroGPU: a GPU lent per call, the app's pattern
+SPACES_REQUIREMENT = "spaces==0.51.3"  # the ZeroGPU helper; the newest release when the Space was last built
 DEFAULT_DATASETS: tuple[str, ...] = ()
 PYTHON_VERSION = "3.11"  # pyproject.toml: requires-python >=3.11,<3.12
 SDK = "gradio"
@@ -39,8 +42,14 @@ APP_PY = '''"""defectclip inspection app on a Hugging Face Space (written by `py
 Models come from {models_repo} unless the Space sets the DEFECTCLIP_MODELS variable (see demo/models.py).
 """
 
-import os
-import sys
+# ZeroGPU needs `spaces` imported before anything initialises CUDA (torch, the models); elsewhere it is inert.
+try:
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
+import os  # noqa: E402
+import sys  # noqa: E402
 
 os.environ.setdefault("DEFECTCLIP_MODELS", "{models_repo}")
 
@@ -65,12 +74,13 @@ def installed_gradio_version() -> str:
 
 
 def space_requirements(requirements: Path) -> str:
-    """The repository's requirements.txt without its gradio pin (the Space installs `sdk_version`)."""
+    """The repository's requirements.txt without its gradio pin (the Space installs `sdk_version`), plus `spaces`."""
     if not requirements.is_file():
         raise SpaceError(f"{requirements} not found: the Space installs what it lists.")
-    kept = [line for line in requirements.read_text().splitlines() if _requirement_name(line) != "gradio"]
+    kept = [line for line in requirements.read_text().splitlines() if _requirement_name(line) not in ("gradio", "spaces")]
     note = "# gradio is installed by the Space itself, at README.md's sdk_version."
-    return "\n".join([*kept, note]) + "\n"
+    spaces_note = "# spaces: ZeroGPU's @spaces.GPU (inert on CPU and dedicated-GPU hardware)."
+    return "\n".join([*kept, spaces_note, SPACES_REQUIREMENT, note]) + "\n"
 
 
 def _requirement_name(line: str) -> str:
@@ -136,3 +146,44 @@ def build_space_folder(
                                      license_id, models_repo, embedded_default)
         readme.save(str(staging / "README.md"))
     return Path(out)
+
+
+def space_hardware(folder: str | Path) -> str:
+    """The hardware a Space folder asks for: its README's `suggested_hardware`, else DEFAULT_HARDWARE."""
+    from huggingface_hub import SpaceCard
+
+    readme = Path(folder) / "README.md"
+    hardware = SpaceCard.load(readme).data.to_dict().get("suggested_hardware") if readme.is_file() else None
+    return str(hardware or DEFAULT_HARDWARE)
+
+
+def request_hardware(repo_id: str, hardware: str, *, private: bool | None = None, token: str | None = None,
+                     endpoint: str | None = None, echo=print) -> None:
+    """Create the Space with `hardware` requested, or request it for a Space that already exists."""
+    from huggingface_hub import HfApi
+
+    from hub.push import SPACE_SDK
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="defectclip")
+    if api.repo_exists(repo_id, repo_type="space"):
+        api.request_space_hardware(repo_id, hardware)
+        echo(f"Requested {hardware} for the existing Space {repo_id}.")
+        return
+    api.create_repo(repo_id, repo_type="space", space_sdk=SPACE_SDK, space_hardware=hardware, private=private)
+    echo(f"Created the Space {repo_id} on {hardware}.")
+
+
+def push_space(folder: str | Path, repo_id: str, hardware: str | None = None, *, dry_run: bool = False,
+               private: bool | None = None, token: str | None = None, endpoint: str | None = None, echo=print,
+               **push_options):
+    """Push a built Space folder, its hardware requested (default: the folder's suggested_hardware)."""
+    from hub.push import push_folder
+
+    hardware = hardware or space_hardware(folder)
+    repo_id = resolve_repo_id(repo_id)
+    if dry_run:
+        echo(f"Dry run: would request {hardware} for the Space {repo_id}")
+    else:
+        request_hardware(repo_id, hardware, private=private, token=token, endpoint=endpoint, echo=echo)
+    return push_folder(folder, repo_id, "space", dry_run=dry_run, private=private, token=token, endpoint=endpoint,
+                       echo=echo, **push_options)

@@ -130,6 +130,7 @@ class Repo:
     branches: dict = dataclasses.field(default_factory=dict)  # name -> commit oid
     tags: dict = dataclasses.field(default_factory=dict)  # name -> commit oid
     commits: dict = dataclasses.field(default_factory=dict)  # oid -> Commit
+    hardware: str | None = None  # a Space's requested hardware (create_repo's `hardware` or POST .../hardware)
 
     def add_commit(self, branch: str, title: str, description: str, files: dict, lfs=frozenset()) -> Commit:
         parent = self.branches.get(branch)
@@ -573,6 +574,10 @@ def _repo_api(handler, hub, repo_type, repo_id, rest, query, body) -> int | None
             return _list_commits(handler, repo, repo.resolve(unquote(tail)))
         if action == "refs" and method == "GET":
             return _refs(handler, repo)
+        if action == "hardware" and method == "POST" and repo_type == "space":
+            hub._require_write(handler.authorized, repo_id.split("/")[0])
+            repo.hardware = json.loads(body)["flavor"]
+            return handler._send_json(200, _space_runtime(repo))
         if action == "branch" and method in ("POST", "DELETE"):
             return _branch(handler, hub, repo, unquote(tail), body)
     return None
@@ -615,7 +620,7 @@ def _create_repo(handler, hub, payload) -> int:
         if (repo_type, repo_id) in hub.repos:
             url = hub._repo_url(handler.base_url, hub.repos[(repo_type, repo_id)])
             return handler._send_json(409, {"error": f"You already created this {repo_type} repo", "url": url})
-        repo = Repo(repo_type, repo_id, private, payload.get("sdk"), _utc_now())
+        repo = Repo(repo_type, repo_id, private, payload.get("sdk"), _utc_now(), hardware=payload.get("hardware"))
         repo.add_commit("main", "initial commit", "", {".gitattributes": INITIAL_GITATTRIBUTES})
         hub.repos[(repo_type, repo_id)] = repo
         return handler._send_json(200, {"url": hub._repo_url(handler.base_url, repo), "name": repo_id, "id": repo_id})
@@ -662,8 +667,12 @@ def _repo_info(handler, hub, repo: Repo, commit: Commit, query) -> int:
     if repo.repo_type == "model" and card and card.get("library_name"):
         payload["library_name"] = card["library_name"]
     if repo.repo_type == "space":
-        payload.update(sdk=repo.sdk, subdomain=repo.repo_id.replace("/", "-"), runtime={"stage": "NO_APP_FILE"})
+        payload.update(sdk=repo.sdk, subdomain=repo.repo_id.replace("/", "-"), runtime=_space_runtime(repo))
     return handler._send_json(200, payload)
+
+
+def _space_runtime(repo: Repo) -> dict:
+    return {"stage": "NO_APP_FILE", "hardware": {"current": None, "requested": repo.hardware}}
 
 
 def _lfs_info(content: bytes) -> dict:

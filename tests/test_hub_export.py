@@ -480,7 +480,7 @@ def test_space_folder_has_valid_front_matter_and_the_app(tmp_path):
 
     meta = metadata_load(folder / "README.md")
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == metadata.version("gradio")
-    assert meta["app_file"] == "app.py" and meta["suggested_hardware"] == "t4-small"
+    assert meta["app_file"] == "app.py" and meta["suggested_hardware"] == "zero-a10g"
     assert meta["models"] == ["defectclip/inspection-models", "defectclip/tab-tiny"]
     assert meta["datasets"] == ["defectclip/neu-seg-regions"]
     assert RepoCard.load(folder / "README.md").data.to_dict()["sdk"] == "gradio"
