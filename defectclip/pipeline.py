@@ -228,6 +228,16 @@ class InspectionPipeline:
         name = f"{FEW_SHOT} ({len(report.used)} refs)"
         return InspectionModel(name, object_name, "patchcore", scorer, report=report)
 
+    @staticmethod
+    def check_few_shot_count(count: int) -> None:
+        """Raise a PipelineError for a reference count outside 1-16, before anything is decoded."""
+        from .scoring.few_shot import FewShotError, check_reference_count
+
+        try:
+            check_reference_count(count)
+        except FewShotError as err:
+            raise PipelineError(str(err)) from err
+
     def few_shot_tower_model(self):
         """The few-shot tower, built once and shared by every session's bank (read-only at inference).
 
