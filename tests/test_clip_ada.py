@@ -19,7 +19,7 @@ from defectclip.clip_ada import (
     top_k_for,
     top_k_mean,
 )
-from defectclip.data import load_image
+from defectclip.data import load_image, load_index_mask
 from defectclip.towers import build_text_tower, build_vision_tower
 from train import clip_ada as train_clip_ada
 
@@ -315,6 +315,27 @@ def test_training_script_saves_a_loadable_artifact_and_metrics(mvtec_root, tmp_p
     assert model.config.threshold == pytest.approx(saved["threshold"])
     image = load_image(next((mvtec_root / "widget" / "test" / "scratch").glob("*.png")))
     assert model.predict([image])[0].anomaly_map.shape == tuple(image.shape[-2:])
+
+
+def test_index_mask_folders_train_on_their_real_defect_masks(mvtec_root, index_root, towers):
+    items = train_clip_ada.list_training_items([mvtec_root / "widget", index_root])
+    real = [index for index, (_, mask) in enumerate(items) if mask is not None]
+    assert len(real) == 3 and len(items) == 4 + 3  # widget's 4 train/good images, steel's 3 train images
+    preprocess = make_model(towers).preprocess
+    dataset = train_clip_ada.SyntheticAnomalies(items, preprocess, "perlin", anomaly_prob=0.0, seed=0)
+    sample = dataset[real[0]]
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(load_index_mask(items[real[0]][1]) > 0).float()[None, None], size=tuple(preprocess.size),
+        mode="nearest")[0, 0].bool()
+    assert torch.equal(sample["mask"], expected) and sample["mask"].any()
+    assert not dataset[0]["mask"].any()  # normal images stay normal at anomaly_prob 0
+
+
+def test_defect_only_training_data_keeps_the_midpoint_threshold(index_root, tmp_path):
+    args = ["--data", str(index_root), "--vision", "tiny:cnn", "--text", "tiny:text", "--batch-size", "3",
+            "--checkpointing-steps", "2", "--max-steps", "2", "--output-dir", str(tmp_path / "steel")]
+    metrics = train_clip_ada.main(args)
+    assert metrics["train_images"] == 3 and metrics["threshold"] == 0.5  # no defect-free image to calibrate on
 
 
 def test_resumed_training_matches_an_uninterrupted_run(mvtec_root, tmp_path):
