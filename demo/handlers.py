@@ -34,7 +34,7 @@ MEASURED_QUALITY = {
     FEW_SHOT: "few-shot, measured on magnetic tile (709 test images, 5 draws): image AUROC {auroc}",
     REFERENCE_FREE: "reference-free, measured on magnetic tile (119-image subset, in-domain): image AUROC 0.77",
 }
-FEW_SHOT_AUROC = {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0, 16: 0.0}
+FEW_SHOT_AUROC = {1: 0.63, 2: 0.65, 4: 0.72, 8: 0.73, 16: 0.75}  # means over 5 draws (full data: 0.91)
 
 
 @dataclass
