@@ -42,3 +42,18 @@ def test_build_runs_while_another_session_holds_the_scoring_lock(pipeline):
         worker.start()
         worker.join(timeout=120)
     assert done.is_set(), "the few-shot build waited for the scoring lock"
+
+
+def test_low_priority_runs_return_values_and_raise_errors_in_the_caller():
+    import os
+
+    from defectclip.pipeline import BUILD_NICENESS, run_at_low_priority
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = niceness()
+    assert run_at_low_priority(niceness) == min(19, before + BUILD_NICENESS) or os.name != "posix"
+    assert niceness() == before  # the caller's thread keeps its priority
+    with pytest.raises(ZeroDivisionError):
+        run_at_low_priority(lambda: 1 / 0)
