@@ -61,7 +61,7 @@ def train_model(args, name: str) -> tuple[ClipADA, dict, float]:
             "--checkpointing-steps", str(args.steps), "--checkpoints-total-limit", "1", "--output-dir", str(output)]
     started = time.perf_counter()
     metrics = train_clip_ada.main(argv)
-    return ClipADA.load(output / train_clip_ada.ARTIFACT_DIR), metrics, time.perf_counter() - started
+    return ClipADA.from_pretrained(output / train_clip_ada.ARTIFACT_DIR), metrics, time.perf_counter() - started
 
 
 def evenly(count: int, cap: int) -> list[int]:

@@ -112,7 +112,7 @@ def test_one_feature_pass_per_image_and_no_refit(tower, references, monkeypatch)
 
 def test_saved_few_shot_model_keeps_its_threshold(tower, references, tmp_path):
     scorer, report = fit_few_shot(references[:2], tower, image_size=64)
-    loaded = PatchCore.load(scorer.save(tmp_path / "fs"), tower=tower)
+    loaded = PatchCore.from_pretrained(scorer.save_pretrained(tmp_path / "fs"), tower=tower)
     assert loaded.threshold == pytest.approx(report.threshold)
     assert loaded.calibration.startswith("few-shot")
 
