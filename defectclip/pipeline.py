@@ -298,7 +298,7 @@ class InspectionPipeline(Artifact):
             if self._few_shot_tower_built is None:
                 from .scoring import PatchCore
 
-                probe = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0,
+                probe = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0, max_bank_size=None,
                                   device=self.device or "cpu")
                 probe.features.centre_offset()
                 self._few_shot_tower_built = probe.tower

@@ -112,7 +112,8 @@ def fit_few_shot(
     """A PatchCore bank of every patch of the usable references, and its threshold (see module doc)."""
     check_reference_count(len(images))
     arrays = [as_uint8_rgb(image) for image in images]
-    scorer = PatchCore(tower, image_size=image_size, coreset_ratio=1.0, seed=seed, device=device)
+    # Every reference patch is kept (no coreset, no cap): a few images give too few patches to thin out.
+    scorer = PatchCore(tower, image_size=image_size, coreset_ratio=1.0, max_bank_size=None, seed=seed, device=device)
     report = FewShotReport(given=len(arrays), used=[])
     candidates = _drop_duplicates(arrays, report)
     candidates = _drop_blank(arrays, candidates, report)
