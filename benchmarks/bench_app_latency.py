@@ -12,6 +12,10 @@ Prints JSON lines and writes benchmarks/results/app_latency.json. Usage:
   Also counted: files in the app's cache, and any readable by other users.
 - "concurrency": N clients upload their own image at the same time against that server; each must get its
   own image's score back ("leaks" counts results that belong to another client's image), with no error.
+- "score_during_few_shot_build" (`--few-shot-refs 16`): one session scores uploads while another builds a
+  few-shot bank from 16 train/good references, in a loop, on another thread; the scoring session's p95 must
+  stay <= 2x its p95 alone (the build holds no pipeline-wide lock). Also: each build's wall time.
+  `--only-few-shot` measures just this (and writes only it to --out).
 Test images: defective magnetic_tile test images resized to size x size (the development data).
 """
 
@@ -98,6 +102,53 @@ def bench_handlers(pipeline, paths: list[Path], repeats: int) -> dict:
         handlers.describe_point(pipeline, session, float(x), float(y))
         click.append(time.perf_counter() - start)
     return {"upload_to_heatmap": percentiles(upload), "click_to_caption": percentiles(click)}
+
+
+def p95(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+
+def bench_score_during_build(pipeline, paths: list[Path], references: int, repeats: int) -> dict:
+    """Another session's score latency alone and while 16-reference few-shot banks are being built."""
+    from defectclip.data import MVTecDataset
+    from demo import handlers
+
+    refs = [str(r.image_path) for r in MVTecDataset(DATA, "train").refs[:references]]
+    model = pipeline.model_names[0]
+    scorer_session = handlers.Session()
+
+    def timed_scores(count: int) -> list[float]:
+        times = []
+        for index in range(count):
+            start = time.perf_counter()
+            handlers.score_upload(pipeline, scorer_session, str(paths[index % len(paths)]), model)
+            times.append(time.perf_counter() - start)
+        return times
+
+    timed_scores(2)  # warm-up
+    builds: list[float] = []
+    handlers.score_upload(pipeline, handlers.Session(), str(paths[0]), handlers.FEW_SHOT, refs[:2])  # builds the tower
+    alone = timed_scores(repeats)
+    stop = threading.Event()
+
+    def build_loop():
+        while not stop.is_set():
+            start = time.perf_counter()
+            handlers.score_upload(pipeline, handlers.Session(), str(paths[0]), handlers.FEW_SHOT, refs)
+            builds.append(time.perf_counter() - start)
+
+    builder = threading.Thread(target=build_loop, daemon=True)
+    builder.start()
+    time.sleep(0.5)  # the build is under way before the first timed score
+    during = timed_scores(repeats)
+    stop.set()
+    builder.join()
+    ratio = p95(during) / p95(alone)
+    return {"references": references, "score_alone": percentiles(alone) | {"p95_ms": round(1000 * p95(alone), 1)},
+            "score_during_build": percentiles(during) | {"p95_ms": round(1000 * p95(during), 1)},
+            "p95_ratio": round(ratio, 2), "target_met": ratio <= 2.0,
+            "build_upload_to_result_s": [round(b, 2) for b in builds]}
 
 
 # ---------------------------------------------------------------------------------------- the server
@@ -221,6 +272,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=20, help="concurrent gradio_client sessions")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (here and in the server)")
     parser.add_argument("--device", default="auto", help="where the models run: auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--few-shot-refs", type=int, default=16, help="references per few-shot build (0: skip)")
+    parser.add_argument("--only-few-shot", action="store_true", help="measure only score_during_few_shot_build")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -233,10 +286,15 @@ def main(argv=None) -> int:
     shown_models = shown_models.relative_to(ROOT) if shown_models.is_relative_to(ROOT) else shown_models
     results = {"machine": machine(args.threads), "device": device, "models": str(shown_models), "model": model,
                "image_size": args.size, "data": "magnetic_tile test defects (subset, resized)"}
-    results.update(bench_handlers(pipeline, paths, args.repeats))
-    print(json.dumps({k: results[k] for k in ("machine", "upload_to_heatmap", "click_to_caption")}), flush=True)
+    if args.few_shot_refs:
+        results["score_during_few_shot_build"] = bench_score_during_build(pipeline, paths, args.few_shot_refs,
+                                                                          args.repeats)
+        print(json.dumps({"score_during_few_shot_build": results["score_during_few_shot_build"]}), flush=True)
+    if not args.only_few_shot:
+        results.update(bench_handlers(pipeline, paths, args.repeats))
+        print(json.dumps({k: results[k] for k in ("machine", "upload_to_heatmap", "click_to_caption")}), flush=True)
 
-    if args.sessions or args.clients:
+    if (args.sessions or args.clients) and not args.only_few_shot:
         expected = [number_text(pipeline.score(np.asarray(Image.open(p).convert("RGB")), model).score) for p in paths]
         cache = Path(tempfile.mkdtemp(prefix="defectclip-bench-app-")) / "cache"
         server, url = start_server(args.models, args.threads, cache)

@@ -306,6 +306,16 @@ class ClipADA(Artifact, nn.Module):
         return len(self.projections) - 1
 
     @property
+    def threshold(self) -> float:
+        """The decision threshold on image scores (and map values), saved in config.json; every scorer
+        the app lists has one, so the reference-free model answers like PatchCore and PaDiM."""
+        return float(self.config.threshold)
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.config.threshold = float(value)
+
+    @property
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(MIN_SCALE, MAX_SCALE)
 
@@ -387,6 +397,20 @@ class ClipADA(Artifact, nn.Module):
             scores = [r.score for r in self.predict(normal_images, batch_size)]
             self.config.threshold = float(np.quantile(scores, quantile))
         return self.config.threshold
+
+    def calibrate_synthetic(self, normal_images: Sequence[np.ndarray], seed: int = 0, batch_size: int = 8) -> str:
+        """Set the threshold the way few-shot PatchCore sets its own: between the scores of the normal
+        images and of NSA / CutPaste defects made from them (defectclip.scoring.few_shot.place_threshold).
+        Needs no labelled defect; returns the rule that placed it."""
+        from .scoring.few_shot import place_threshold, synthetic_copies
+
+        normal_images = list(normal_images)
+        if not normal_images:
+            raise ValueError("calibrate_synthetic needs at least one defect-free image of the product.")
+        normal = [r.score for r in self.predict(normal_images, batch_size)]
+        defective = [r.score for r in self.predict(synthetic_copies(normal_images, seed), batch_size)]
+        self.config.threshold, rule = place_threshold(normal, defective)
+        return rule
 
     # -------------------------------------------------------------------------------- saving and loading
 

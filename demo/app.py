@@ -145,18 +145,19 @@ def build_demo(pipeline: InspectionPipeline) -> gr.Blocks:
         return view_outputs(handlers.start_over(session), session)
 
     @friendly
-    def score(image_path, model_name, references, object_choice, session):
-        """The Score button and /score: an image is required."""
+    def score(image_path, model_name, references, object_choice, session, progress=gr.Progress()):
+        """The Score button and /score: an image is required. A few-shot build reports its steps to `progress`."""
         session = session or handlers.Session()
-        view = handlers.score_upload(pipeline, session, image_path, model_name, references, object_choice)
+        view = handlers.score_upload(pipeline, session, image_path, model_name, references, object_choice,
+                                     progress=progress)
         return view_outputs(view, session)
 
-    def rescore(image_path, model_name, references, object_choice, session):
+    def rescore(image_path, model_name, references, object_choice, session, progress=gr.Progress()):
         """A new upload, model, object or set of references: score again if there is an image, else stay clear."""
         session = session or handlers.Session()
         if not image_path:
             return view_outputs(handlers.clear_image(session), session)
-        return score(image_path, model_name, references, object_choice, session)
+        return score(image_path, model_name, references, object_choice, session, progress)
 
     @friendly
     def set_threshold(threshold, session):

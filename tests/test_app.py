@@ -164,6 +164,27 @@ def test_few_shot_builds_a_bank_from_references(pipeline, defect_png, tmp_path):
         handlers.score_upload(pipeline, handlers.Session(), defect_png, FEW_SHOT, [], OBJECT)
 
 
+def test_few_shot_shows_progress_its_measured_quality_and_merged_references(pipeline, defect_png, tmp_path):
+    rng = np.random.default_rng(4)
+    refs = [str(save_png(textured_image(rng, (64, 64)), tmp_path / f"ref{i}.png")) for i in range(3)]
+    twin = tmp_path / "copy_of_ref0.png"
+    twin.write_bytes(open(refs[0], "rb").read())
+    steps = []
+    view = handlers.score_upload(pipeline, handlers.Session(), defect_png, FEW_SHOT, refs + [str(twin)], OBJECT,
+                                 progress=lambda fraction, desc: steps.append((fraction, desc)))
+    assert [fraction for fraction, _ in steps] == [0.0, 0.3, 1.0] and "4 reference" in steps[0][1]
+    assert "measured on magnetic tile" in view.model_label and "image AUROC" in view.model_label
+    assert "Reference 4 is identical to reference 1" in view.message
+
+
+def test_too_many_references_are_refused_before_any_is_read(pipeline, defect_png, tmp_path):
+    junk = [tmp_path / f"not_an_image_{i}.png" for i in range(17)]
+    for path in junk:
+        path.write_bytes(b"not a png")  # decoding any of these would fail with another message
+    with pytest.raises(PipelineError, match="got 17"):
+        handlers.score_upload(pipeline, handlers.Session(), defect_png, FEW_SHOT, [str(p) for p in junk], OBJECT)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
 def test_uploads_of_any_mode_are_normalised(tmp_path, mode):
     from PIL import Image

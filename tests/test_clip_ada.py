@@ -19,7 +19,7 @@ from defectclip.clip_ada import (
     top_k_for,
     top_k_mean,
 )
-from defectclip.data import load_image
+from defectclip.data import load_image, load_index_mask
 from defectclip.towers import build_text_tower, build_vision_tower
 from train import clip_ada as train_clip_ada
 
@@ -205,6 +205,30 @@ def test_threshold_is_a_quantile_of_normal_scores_else_one_half(towers):
     assert model.calibrate_threshold(normals, quantile=0.9) == pytest.approx(np.quantile(scores, 0.9))
 
 
+def test_reference_free_model_has_a_threshold_like_every_scorer(towers):
+    from defectclip.pipeline import REFERENCE_FREE, InspectionModel
+
+    model = make_model(towers, threshold=0.37)
+    assert InspectionModel(REFERENCE_FREE, "", "clip_ada", model).threshold == pytest.approx(0.37)
+    model.threshold = 0.61
+    assert model.config.threshold == pytest.approx(0.61) and model.predict([torch.rand(3, 64, 64)])[0].threshold == pytest.approx(0.61)
+
+
+def test_synthetic_calibration_places_the_threshold_from_normal_images_alone(towers):
+    from conftest import textured_image
+    from defectclip.scoring.few_shot import place_threshold, synthetic_copies
+
+    model = make_model(towers)
+    rng = np.random.default_rng(0)
+    normals = [textured_image(rng, (64, 64)) for _ in range(4)]
+    rule = model.calibrate_synthetic(normals, seed=3)
+    normal = [r.score for r in model.predict(normals)]
+    defective = [r.score for r in model.predict(synthetic_copies(normals, seed=3))]
+    assert model.threshold == pytest.approx(place_threshold(normal, defective)[0]) and rule
+    with pytest.raises(ValueError, match="at least one defect-free image"):
+        model.calibrate_synthetic([])
+
+
 def test_vit_towers_refuse_a_non_native_size(clip_towers):
     with pytest.raises(ValueError, match="native size"):
         make_model(clip_towers, image_size=96)
@@ -291,6 +315,27 @@ def test_training_script_saves_a_loadable_artifact_and_metrics(mvtec_root, tmp_p
     assert model.config.threshold == pytest.approx(saved["threshold"])
     image = load_image(next((mvtec_root / "widget" / "test" / "scratch").glob("*.png")))
     assert model.predict([image])[0].anomaly_map.shape == tuple(image.shape[-2:])
+
+
+def test_index_mask_folders_train_on_their_real_defect_masks(mvtec_root, index_root, towers):
+    items = train_clip_ada.list_training_items([mvtec_root / "widget", index_root])
+    real = [index for index, (_, mask) in enumerate(items) if mask is not None]
+    assert len(real) == 3 and len(items) == 4 + 3  # widget's 4 train/good images, steel's 3 train images
+    preprocess = make_model(towers).preprocess
+    dataset = train_clip_ada.SyntheticAnomalies(items, preprocess, "perlin", anomaly_prob=0.0, seed=0)
+    sample = dataset[real[0]]
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(load_index_mask(items[real[0]][1]) > 0).float()[None, None], size=tuple(preprocess.size),
+        mode="nearest")[0, 0].bool()
+    assert torch.equal(sample["mask"], expected) and sample["mask"].any()
+    assert not dataset[0]["mask"].any()  # normal images stay normal at anomaly_prob 0
+
+
+def test_defect_only_training_data_keeps_the_midpoint_threshold(index_root, tmp_path):
+    args = ["--data", str(index_root), "--vision", "tiny:cnn", "--text", "tiny:text", "--batch-size", "3",
+            "--checkpointing-steps", "2", "--max-steps", "2", "--output-dir", str(tmp_path / "steel")]
+    metrics = train_clip_ada.main(args)
+    assert metrics["train_images"] == 3 and metrics["threshold"] == 0.5  # no defect-free image to calibrate on
 
 
 def test_resumed_training_matches_an_uninterrupted_run(mvtec_root, tmp_path):

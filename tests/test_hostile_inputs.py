@@ -31,6 +31,7 @@ from hostile_corpus import (
 
 OBJECT = "widget"
 MODEL = "widget · patchcore · tiny:cnn"
+GOOD_REFERENCE = textured_image(np.random.default_rng(11), (64, 64))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -223,7 +224,10 @@ def test_hostile_image_files_through_every_entry_point(tmp_path, scorer, pipelin
         "scorer.predict(path)": lambda path: scorer.predict(path)[0],
         "pipeline.score": lambda path: pipeline.score(load_image_array(path), MODEL),
         "app read_upload + score": lambda path: pipeline.score(read_upload(path), MODEL),
-        "fit_few_shot": lambda path: pipeline.fit_few_shot([read_upload(path)], OBJECT),
+        # Uploaded beside a good reference, as a user would: a flat file (fully transparent, one grey
+        # level) is then left out and reported rather than refused (few-shot refuses blank-only sets;
+        # test_few_shot.py covers both), and every other file goes through decoding and the build.
+        "fit_few_shot": lambda path: pipeline.fit_few_shot([GOOD_REFERENCE, read_upload(path)], OBJECT),
     }
     # Values are checked on what load_image returns; the other entry points must give a finite score.
     checked = {"load_image"}

@@ -2,7 +2,9 @@
 
 One model for every category given (the paper's unified setting): all `train/good` images of all `--data`
 folders form one training set; about half of them get a synthetic anomaly (Perlin by default, as the
-paper's DRAEM-style synthesis; NSA or CutPaste selectable) whose mask is the target.
+paper's DRAEM-style synthesis; NSA or CutPaste selectable) whose mask is the target. A `--data` folder in
+the index-mask layout (images/, masks/, classes.json: defect images with their masks, e.g. steel strip)
+adds its train images with their real defect masks as targets, unchanged.
 
     python -m train.clip_ada --data /data/mvtec --output-dir runs/clip_ada
     python -m train.clip_ada --data data/magnetic_tile --vision offline:efficientnet_lite0 \
@@ -25,7 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from defectclip.clip_ada import DEFAULT_TEMPLATE, DEFAULT_TOWER, ClipADA, ClipADAConfig, clip_ada_loss
-from defectclip.data import DataError, MVTecDataset, Preprocess, array_to_tensor, load_image, normalize, resize
+from defectclip.data import (
+    DataError, IndexMaskDataset, MVTecDataset, Preprocess, array_to_tensor, load_image, load_index_mask, normalize, resize,
+)
 from defectclip.io import write_json_atomic
 from defectclip.synth import SYNTHESES, synthesize
 if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
@@ -54,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fixed-scale", action="store_true", help="keep the similarity scale constant instead of learning it")
     model.add_argument("--image-size", type=int, default=None, help="square training/inference size (default: the tower's)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", nargs="+", type=Path, required=True, help="MVTec-layout roots or category folders (train/good is used)")
+    data.add_argument("--data", nargs="+", type=Path, required=True,
+                      help="MVTec-layout roots or category folders (train/good is used), or index-mask folders "
+                           "(images/train with their masks: real defects as targets)")
     data.add_argument("--synthesis", choices=sorted(SYNTHESES), default="perlin", help="synthetic anomaly method")
     data.add_argument("--anomaly-prob", type=float, default=0.5, help="fraction of training images given an anomaly")
     loss = parser.add_argument_group("loss and calibration")
@@ -62,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on projection weights")
     loss.add_argument("--calibration-images", type=int, default=64, help="train/good images for the threshold (0: keep 0.5)")
     loss.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of normal scores used as threshold")
+    loss.add_argument("--threshold-rule", choices=("synthetic", "quantile"), default="synthetic",
+                      help="synthetic: between the calibration images' scores and synthetic defects made from them "
+                           "(as few-shot sets its own); quantile: --threshold-quantile of the normal scores")
     common.add_common_args(parser, batch_size=16, lr=1e-3)
     return parser
 
@@ -88,12 +97,27 @@ def check_args(args: argparse.Namespace) -> None:
 # data
 
 
+def is_index_mask_root(root: Path) -> bool:
+    return (Path(root) / "classes.json").is_file()
+
+
 def list_normal_images(roots: list[Path]) -> list[Path]:
-    """Every train/good image of every root or category folder, in a stable order."""
-    paths = [ref.image_path for root in roots for ref in MVTecDataset(root, "train").refs]
-    if len(paths) < 2:
-        raise DataError(f"CLIP-ADA needs at least 2 training images (a second one feeds the synthesis); found {len(paths)}.")
+    """Every train/good image of every MVTec-layout root or category folder, in a stable order."""
+    paths = [ref.image_path for root in roots if not is_index_mask_root(root)
+             for ref in MVTecDataset(root, "train").refs]
     return paths
+
+
+def list_training_items(roots: list[Path]) -> list[tuple[Path, Path | None]]:
+    """(image, index mask or None) for every training image: train/good images (None: they get a synthetic
+    anomaly or stay normal) and the train images of index-mask folders with their real defect masks."""
+    items = [(path, None) for path in list_normal_images(roots)]
+    for root in roots:
+        if is_index_mask_root(root):
+            items += [(ref.image_path, ref.index_mask_path) for ref in IndexMaskDataset(root, "train").refs]
+    if len(items) < 2:
+        raise DataError(f"CLIP-ADA needs at least 2 training images (a second one feeds the synthesis); found {len(items)}.")
+    return items
 
 
 def foreign_texture(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -128,8 +152,11 @@ class SyntheticAnomalies(Dataset):
     and a different one for another --seed.
     """
 
-    def __init__(self, paths: list[Path], preprocess: Preprocess, synthesis: str, anomaly_prob: float, seed: int):
-        self.paths, self.preprocess = paths, preprocess
+    def __init__(self, paths: list, preprocess: Preprocess, synthesis: str, anomaly_prob: float, seed: int):
+        # Each entry is an image path (normal) or (image path, index mask path or None).
+        items = [entry if isinstance(entry, tuple) else (entry, None) for entry in paths]
+        self.paths, self.masks = [image for image, _ in items], [mask for _, mask in items]
+        self.preprocess = preprocess
         self.synthesis, self.anomaly_prob, self.seed = synthesis, anomaly_prob, seed
 
     def __len__(self) -> int:
@@ -144,10 +171,18 @@ class SyntheticAnomalies(Dataset):
         index, epoch_token = key if isinstance(key, tuple) else (key, 0)
         rng = np.random.default_rng([self.seed, index, epoch_token])
         image = self.read(index)
+        if self.masks[index] is not None:  # a real defect image: its own mask is the target
+            return {"image": normalize(array_to_tensor(image), self.preprocess), "mask": self.real_mask(index)}
         mask = np.zeros(image.shape[:2], dtype=bool)
         if rng.random() < self.anomaly_prob:
             image, mask = synthesize(self.synthesis, image, self.other_image(index, rng), rng)
         return {"image": normalize(array_to_tensor(image), self.preprocess), "mask": torch.from_numpy(mask)}
+
+    def real_mask(self, index: int) -> torch.Tensor:
+        """The index mask's defect pixels (any class), at the model size (nearest neighbour keeps it binary)."""
+        mask = torch.from_numpy(load_index_mask(self.masks[index]) > 0).float()[None, None]
+        size = tuple(self.preprocess.size)
+        return torch.nn.functional.interpolate(mask, size=size, mode="nearest")[0, 0].bool()
 
     def other_image(self, index: int, rng: np.random.Generator) -> np.ndarray:
         """A different training image: NSA/CutPaste's patch source, or Perlin's (made foreign) texture."""
@@ -229,23 +264,27 @@ def loss_summary(losses: list[float]) -> dict:
     return {"first_loss": losses[0], "final_loss": losses[-1], "final_loss_mean_last_10pct": float(np.mean(tail))}
 
 
-def finish(accelerator, model, paths: list[Path], args, progress, losses: list[float], seconds: float) -> dict:
+def finish(accelerator, model, paths: list[Path], args, progress, losses: list[float], seconds: float,
+           train_images: int | None = None) -> dict:
     """Calibrate the threshold, save the artifact and metrics.json (main process), optionally push."""
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     metrics = {
         "steps": progress.step,
         "steps_this_run": len(losses),
-        "train_images": len(paths),
+        "train_images": train_images if train_images is not None else len(paths),
         "trainable_parameters": model.num_trainable_parameters(),
         "train_seconds": seconds,
         "train_images_per_second": len(losses) * args.batch_size * args.gradient_accumulation_steps / max(seconds, 1e-9),
         **loss_summary(common.loss_values(progress)),  # the whole run's, also after a resume
     }
     if accelerator.is_main_process:
-        metrics["threshold"] = model.calibrate_threshold(
-            calibration_images(paths, args.calibration_images), args.threshold_quantile
-        )
+        normals = calibration_images(paths, args.calibration_images)
+        if args.threshold_rule == "synthetic" and normals:
+            metrics["threshold_rule"] = model.calibrate_synthetic(normals, seed=args.seed)
+            metrics["threshold"] = model.threshold
+        else:  # the quantile rule, or no normal image to calibrate on (it then stays at 0.5)
+            metrics["threshold"] = model.calibrate_threshold(normals, args.threshold_quantile)
         metrics["scale"] = float(model.scale.detach())
         model.save_pretrained(args.output_dir / ARTIFACT_DIR)
         write_json_atomic(args.output_dir / METRICS_FILE, metrics)
@@ -259,8 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
     common.seed_everything(args.seed)
     accelerator, progress = common.make_accelerator(args, "clip_ada")
     model = ClipADA(model_config(args))
-    paths = list_normal_images(args.data)
-    dataset = SyntheticAnomalies(paths, model.preprocess, args.synthesis, args.anomaly_prob, args.seed)
+    items = list_training_items(args.data)
+    paths = [image for image, mask in items if mask is None]  # the normal ones calibrate the threshold
+    dataset = SyntheticAnomalies(items, model.preprocess, args.synthesis, args.anomaly_prob, args.seed)
     generator = torch.Generator()
     loader = make_loader(dataset, args, generator)
     optimizer = make_optimizer(model, args)
@@ -274,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     losses = common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
                         partial(segmentation_loss, model=model, args=args), args, last_step, "clip-ada")
-    metrics = finish(accelerator, model, paths, args, progress, losses, time.perf_counter() - started)
+    metrics = finish(accelerator, model, paths, args, progress, losses, time.perf_counter() - started, len(items))
     accelerator.end_training()
     return metrics
 
