@@ -37,7 +37,7 @@ from defectclip.data import MVTecDataset, load_image_array
 from defectclip.io import write_json_atomic
 from defectclip.metrics import image_auroc
 from defectclip.scoring import PatchCore
-from defectclip.scoring.common import patch_scores_to_maps
+from defectclip.scoring.maps import patch_scores_to_maps
 from defectclip.scoring.few_shot import embed_patches, fit_few_shot
 from defectclip.scoring.patchcore import nearest_neighbours
 from defectclip.towers import build_vision_tower

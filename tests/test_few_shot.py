@@ -9,7 +9,7 @@ import torch
 
 from conftest import textured_image
 from defectclip.scoring import PatchCore
-from defectclip.scoring.common import PatchFeatures
+from defectclip.scoring.features import PatchFeatures
 from defectclip.scoring.few_shot import (
     MAX_REFERENCES, MIN_SAMPLES, FewShotError, block_distances, check_reference_count, content_digest,
     fit_few_shot, place_threshold,

@@ -38,7 +38,8 @@ from PIL import Image
 from ..synth import cutpaste, nsa
 from ..towers import VisionTower
 from ..data import image_to_tensor as as_image_tensor
-from .common import ScoringError, patch_scores_to_maps
+from .errors import ScoringError
+from .maps import patch_scores_to_maps
 from .patchcore import PatchCore, flatten_patches
 
 MAX_REFERENCES = 16
