@@ -6,6 +6,7 @@ Both follow one interface: `fit(normal images or a dataset)`, `calibrate(val ima
 
 from .common import FeatureScorer, ScoringError, calibrate_threshold, default_layers, gaussian_blur, load_config
 from .padim import PaDiM
+from .plan import MAX_IMAGE_PIXELS, InputPlan, parse_plan
 from .patchcore import PatchCore, greedy_k_center, nearest_neighbours, select_coreset
 
 SCORERS = {"patchcore": PatchCore, "padim": PaDiM}
@@ -20,6 +21,6 @@ def load_scorer(folder) -> FeatureScorer:
 
 
 __all__ = [
-    "FeatureScorer", "PaDiM", "PatchCore", "SCORERS", "ScoringError", "calibrate_threshold", "default_layers",
-    "gaussian_blur", "greedy_k_center", "load_scorer", "nearest_neighbours", "select_coreset",
+    "FeatureScorer", "InputPlan", "MAX_IMAGE_PIXELS", "PaDiM", "PatchCore", "SCORERS", "ScoringError", "calibrate_threshold", "default_layers",
+    "gaussian_blur", "greedy_k_center", "load_scorer", "nearest_neighbours", "parse_plan", "select_coreset",
 ]

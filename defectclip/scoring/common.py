@@ -35,16 +35,14 @@ from ..io import atomic_dir, read_json, write_json_atomic
 from ..metrics import f1_max
 from ..results import AnomalyResult
 from ..towers import TowerError, VisionTower, build_vision_tower, split_spec
+from .errors import ScoringError
+from .plan import Box, InputPlan, crop, parse_plan, stitch
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_SIGMA = 4.0
 DEFAULT_QUANTILE = 0.99
-
-
-class ScoringError(ValueError):
-    """A scorer used the wrong way or fed unusable input: the message says what to do instead."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,10 +205,44 @@ def normal_subset(source: Any) -> Sequence[Any]:
     return images
 
 
-def iter_image_batches(images: Sequence[Any], batch_size: int) -> Iterator[list[torch.Tensor]]:
-    """Read images lazily, `batch_size` at a time, each as 3 x H x W in [0, 1] at its own size."""
-    for start in range(0, len(images), batch_size):
-        yield [as_image_tensor(images[i]) for i in range(start, min(start + batch_size, len(images)))]
+@dataclass
+class ViewGroup:
+    """A few images and the windows the plan cuts them into: (image index in `images`, box)."""
+
+    images: list[torch.Tensor]
+    windows: list[tuple[int, Box]]
+
+
+@dataclass
+class ViewBatch:
+    """Features of a ViewGroup's windows (V x C x h x w, one per window, in `windows` order) and the
+    sizes of the images they came from; what `embed` yields and `fit_embedded` / `predict_embedded`
+    take."""
+
+    embedding: torch.Tensor
+    windows: list[tuple[int, Box]]
+    image_sizes: list[tuple[int, int]]
+
+
+def iter_view_groups(images: Sequence[Any], plan: InputPlan, batch_size: int) -> Iterator[ViewGroup]:
+    """Read images lazily and group them so that a group holds about `batch_size` windows (whole
+    images; one large image alone may hold more, and is then embedded in several passes)."""
+    group = ViewGroup([], [])
+    for index in range(len(images)):
+        image = as_image_tensor(images[index])
+        boxes = plan.windows(*image.shape[-2:])
+        if group.images and len(group.windows) + len(boxes) > batch_size:
+            yield group
+            group = ViewGroup([], [])
+        group.windows.extend((len(group.images), box) for box in boxes)
+        group.images.append(image)
+    if group.images:
+        yield group
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,7 +522,7 @@ def read_model_folder(
         raise ScoringError(f"{folder} holds a {config.get('model_type')!r} model, not {model_type!r}.")
     if config.get("format_version") != FORMAT_VERSION:
         raise ScoringError(f"{folder} has format_version {config.get('format_version')}; this code reads {FORMAT_VERSION}.")
-    _require_same_keys(set(config), config_keys, folder / CONFIG_NAME)
+    _require_same_keys(set(config), config_keys, folder / CONFIG_NAME, OPTIONAL_CONFIG_KEYS)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise ScoringError(f"{weights} not found: the model folder is incomplete.")
@@ -500,8 +532,8 @@ def read_model_folder(
     return config, tensors
 
 
-def _require_same_keys(found: set[str], expected: set[str], path: Path) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+def _require_same_keys(found: set[str], expected: set[str], path: Path, optional: set[str] = frozenset()) -> None:
+    missing, unexpected = sorted(expected - found - optional), sorted(found - expected)
     if missing or unexpected:
         raise ScoringError(f"{path}: missing keys {missing}, unexpected keys {unexpected}.")
 
@@ -537,13 +569,17 @@ class FeatureScorer(abc.ABC):
         seed: int,
         device: str | torch.device | None,
         batch_size: int,
+        plan: InputPlan | str | None = None,
     ):
         if batch_size < 1:
             raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
+        self.plan = parse_plan(plan)
         self.device = resolve_device(device)
         self.tower = build_tower(tower).to(self.device).eval()
         self.layers = check_layers(self.tower, layers or default_layers(self.tower, self.default_reductions))
         preprocess = self.tower.preprocess
+        if image_size is None and self.plan.is_tiled:
+            image_size = self.plan.tile  # tiles are scored at their native resolution by default
         self.preprocess = preprocess.with_size(image_size) if image_size is not None else preprocess
         self.features = PatchFeatures(self.tower, self.layers, self.preprocess, self.local_average)
         self.sigma = float(sigma)
@@ -563,36 +599,61 @@ class FeatureScorer(abc.ABC):
     def fit(self, images: Any) -> "FeatureScorer":
         """Learn what normal patches look like from defect-free images (or a dataset's normal ones)."""
         normal = normal_subset(images)
-        self._fit_batches(self._feature_batches(normal))
-        self.num_train_images = len(normal)
+        return self.fit_embedded(self.embed(normal), len(normal))
+
+    def fit_embedded(self, batches: Iterable["ViewBatch"], num_images: int) -> "FeatureScorer":
+        """fit() on features from `embed` (so one extraction can serve several seeds or methods).
+
+        With a tiles plan every tile is a training sample: PatchCore's bank and PaDiM's per-position
+        statistics are shared by all tiles.
+        """
+        self._fit_batches(batch.embedding.float() for batch in batches)
+        self.num_train_images = int(num_images)
         self.threshold, self.calibration = None, None  # a threshold of the previous model means nothing now
         return self
 
-    def _feature_batches(self, images: Sequence[Any]) -> Iterator[torch.Tensor]:
-        for batch in iter_image_batches(images, self.batch_size):
-            yield self.features(self.features.model_input(batch, self.device))
+    @torch.no_grad()
+    def embed(self, images: Any) -> Iterator["ViewBatch"]:
+        """Patch features of every window the input plan cuts the images into, a few images at a time."""
+        for group in iter_view_groups(as_image_source(images), self.plan, self.batch_size):
+            embeddings = [
+                self.features(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device))
+                for chunk in chunked(group.windows, self.batch_size)
+            ]
+            yield ViewBatch(torch.cat(embeddings), group.windows, [tuple(im.shape[-2:]) for im in group.images])
 
     @torch.no_grad()
     def predict(self, images: Any) -> list[AnomalyResult]:
-        """One AnomalyResult per image; maps have each input image's size."""
+        """One AnomalyResult per image; maps have each input image's size (stitched from tiles when
+        the plan tiles)."""
+        self._require_fitted()
+        return self.predict_embedded(self.embed(images))
+
+    @torch.no_grad()
+    def predict_embedded(self, batches: Iterable["ViewBatch"]) -> list[AnomalyResult]:
+        """predict() on features from `embed`."""
         self._require_fitted()
         threshold = math.inf if self.threshold is None else self.threshold
         results = []
-        for batch in iter_image_batches(as_image_source(images), self.batch_size):
-            maps, scores = self._score_batch(batch)
+        for batch in batches:
+            maps, scores = self._score_views(batch)
             results.extend(AnomalyResult.from_map(m, s, threshold) for m, s in zip(maps, scores))
         return results
 
-    def _score_batch(self, batch: list[torch.Tensor]) -> tuple[list[np.ndarray], list[float]]:
-        embedding = self.features(self.features.model_input(batch, self.device))
-        patch_scores, image_scores = self._score_patches(embedding)
-        sizes = [tuple(image.shape[-2:]) for image in batch]
-        maps = patch_scores_to_maps(patch_scores, self.preprocess.size, sizes, self.sigma, self.features.centre_offset())
-        if image_scores is None:
-            # The image score is the map's maximum, so "score >= threshold" and "the mask is not
-            # empty" always agree.
-            return maps, [float(m.max()) for m in maps]
-        return maps, [float(s) for s in image_scores.cpu()]
+    def _score_views(self, batch: "ViewBatch") -> tuple[list[np.ndarray], list[float]]:
+        patch_scores, view_scores = self._score_patches(batch.embedding.float())
+        view_sizes = [box.size for _, box in batch.windows]
+        view_maps = patch_scores_to_maps(
+            patch_scores, self.preprocess.size, view_sizes, self.sigma, self.features.centre_offset()
+        )
+        maps, scores = [], []
+        for index, size in enumerate(batch.image_sizes):
+            mine = [v for v, (owner, _) in enumerate(batch.windows) if owner == index]
+            maps.append(stitch([view_maps[v] for v in mine], [batch.windows[v][1] for v in mine], size))
+            # The image score is the map's maximum unless the method scores images itself (then the
+            # image's worst window), so "score >= threshold" and "the mask is not empty" agree.
+            scores.append(float(maps[-1].max()) if view_scores is None else float(max(view_scores[v] for v in mine)))
+        return maps, scores
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -631,6 +692,7 @@ class FeatureScorer(abc.ABC):
             "threshold": json_threshold(self.threshold),
             "calibration": self.calibration,
             "num_train_images": self.num_train_images,
+            "plan": self.plan.to_dict(),
             **self._method_config(),
         }
 
@@ -688,8 +750,10 @@ class FeatureScorer(abc.ABC):
 
 BASE_CONFIG_KEYS = {
     "model_type", "format_version", "tower", "layers", "preprocess", "sigma", "seed", "threshold",
-    "calibration", "num_train_images",
+    "calibration", "num_train_images", "plan",
 }
+# Keys a folder written by an older version may lack, and what their absence means.
+OPTIONAL_CONFIG_KEYS = {"plan"}  # absent = the resize plan, the only one there was
 
 
 def load_config(folder: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from ..data import Preprocess
 from ..towers import OFFLINE_VISION, VisionTower
 from .common import DEFAULT_SIGMA, FeatureScorer, ScoringError
+from .plan import InputPlan
 
 DEFAULT_D = 100
 DEFAULT_EPSILON = 0.01
@@ -108,8 +109,9 @@ class PaDiM(FeatureScorer):
         seed: int = 0,
         device: str | torch.device | None = "auto",
         batch_size: int = 16,
+        plan: InputPlan | str | None = None,
     ):
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan)
         total_channels = sum(self.tower.stages[name].channels for name in self.layers)
         random_channels(total_channels, d, seed)  # validates d before any feature is extracted
         if epsilon <= 0:
@@ -181,4 +183,5 @@ class PaDiM(FeatureScorer):
             sigma=config["sigma"],
             seed=config["seed"],
             device=device,
+            plan=config.get("plan"),
         )

@@ -23,6 +23,7 @@ import torch
 from ..data import Preprocess
 from ..towers import OFFLINE_VISION, VisionTower
 from .common import DEFAULT_SIGMA, FeatureScorer, ScoringError
+from .plan import InputPlan
 
 DEFAULT_CORESET_RATIO = 0.1
 DEFAULT_PROJECTION_DIM = 128
@@ -229,8 +230,9 @@ class PatchCore(FeatureScorer):
         seed: int = 0,
         device: str | torch.device | None = "auto",
         batch_size: int = 16,
+        plan: InputPlan | str | None = None,
     ):
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan)
         coreset_size(1, coreset_ratio)  # validates the ratio now rather than after feature extraction
         if num_neighbors < 1:
             raise ScoringError(f"num_neighbors must be at least 1, got {num_neighbors}.")
@@ -298,6 +300,7 @@ class PatchCore(FeatureScorer):
             num_neighbors=config["num_neighbors"],
             seed=config["seed"],
             device=device,
+            plan=config.get("plan"),
         )
 
 
