@@ -118,7 +118,8 @@ class InspectionPipeline:
     """Scoring, few-shot fitting and region description for the app (thread-safe for inference)."""
 
     def __init__(self, models: dict[str, InspectionModel], describer=None, clip_ada=None,
-                 few_shot_tower: str = "offline:efficientnet_lite0", few_shot_image_size: int = 256):
+                 few_shot_tower: str = "offline:efficientnet_lite0", few_shot_image_size: int = 256,
+                 few_shot_plan: str = "resize"):
         self.models = dict(models)
         self.describer = describer
         self.clip_ada = clip_ada
@@ -126,6 +127,9 @@ class InspectionPipeline:
             self.models[REFERENCE_FREE] = InspectionModel(REFERENCE_FREE, "", "clip_ada", clip_ada)
         self.few_shot_tower = few_shot_tower
         self.few_shot_image_size = few_shot_image_size
+        # 'resize' or 'tiles:<tile>[:<overlap>]' (defectclip.scoring.plan): large references with
+        # small defects need tiles, or the defect shrinks below one feature cell.
+        self.few_shot_plan = few_shot_plan
         # torch modules are not safe to call from many threads at once: the app's queue runs
         # several requests concurrently, so model calls are serialised here.
         self._lock = threading.Lock()
@@ -210,6 +214,7 @@ class InspectionPipeline:
             raise PipelineError(f"Few-shot needs 1 to {MAX_FEW_SHOT_IMAGES} normal images, got {len(images)}.")
         with self._lock:
             scorer = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0,
+                               plan=self.few_shot_plan,
                                device=self.device or "cpu")
             scorer.fit(images)
             scorer.threshold = self._few_shot_threshold(scorer, images)
@@ -223,7 +228,7 @@ class InspectionPipeline:
         for index, image in enumerate(images):
             rest = [img for i, img in enumerate(images) if i != index]
             probe = type(scorer)(scorer.tower, image_size=self.few_shot_image_size, coreset_ratio=1.0,
-                                 device=scorer.device)
+                                 plan=scorer.plan, device=scorer.device)
             held_out.append(probe.fit(rest).predict([image])[0].score)
         return float(max(held_out) * 1.1)
 

@@ -221,3 +221,17 @@ def test_eval_backbones_reports_image_metrics_for_a_set_without_masks(tmp_path):
     assert "pixel_auroc" not in report["summary"]["patchcore"]["tiny:cnn"]["mean"]
     assert "n/a (no masks)" in (tmp_path / "out" / "eval.md").read_text()
     assert report["wall_s"] > 0
+
+
+def test_the_pipelines_few_shot_scorer_tiles_large_references_when_asked():
+    from defectclip.pipeline import InspectionPipeline
+
+    pipeline = InspectionPipeline({}, few_shot_tower="tiny:cnn", few_shot_image_size=64, few_shot_plan="tiles:64:16")
+    rng = np.random.default_rng(4)
+    references = [textured_image(rng, (128, 160)) for _ in range(2)]
+    model = pipeline.fit_few_shot(references)
+    assert model.scorer.plan == InputPlan("tiles", 64, 16)
+    query = textured_image(rng, (128, 160))
+    query[60:66, 80:86] = 255
+    result = model.scorer.predict([query])[0]
+    assert result.anomaly_map.shape == (128, 160)
