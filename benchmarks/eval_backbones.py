@@ -222,6 +222,20 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
+def headline(summary: dict) -> dict:
+    """{method: {tower: {metric: mean, metric_std: std}}} over seeds, categories averaged; pixel
+    metrics are null for sets without masks. The shape of benchmarks/results/full_magnetic_tile.json."""
+    table: dict = {}
+    for method, towers in summary.items():
+        for tower, cells in towers.items():
+            row = {}
+            for metric in METRICS:
+                mean, std = cells["mean"].get(metric, (None, None))
+                row[metric], row[f"{metric}_std"] = mean, std
+            table.setdefault(method, {})[tower] = row
+    return table
+
+
 def percent(cell: Sequence[float] | None, with_std: bool) -> str:
     if cell is None:
         return "n/a (no masks)"
@@ -275,7 +289,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = run_all(args)
     wall_s = time.perf_counter() - start
     summary = summarise(runs)
-    report = {"args": vars(args), "machine": machine_description(), "wall_s": wall_s, "runs": runs, "summary": summary}
+    report = {
+        "args": vars(args), "machine": machine_description(), "wall_s": wall_s,
+        "results": headline(summary), "runs": runs, "summary": summary,
+    }
     print(json.dumps({"wall_s": round(wall_s, 1)}), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -219,6 +219,8 @@ def test_eval_backbones_reports_image_metrics_for_a_set_without_masks(tmp_path):
         assert run["pixel_auroc"] is None and run["aupro"] is None
     assert "image_auroc" in report["summary"]["patchcore"]["tiny:cnn"]["mean"]
     assert "pixel_auroc" not in report["summary"]["patchcore"]["tiny:cnn"]["mean"]
+    headline = report["results"]["padim"]["tiny:cnn"]
+    assert 0.0 <= headline["image_auroc"] <= 1.0 and headline["pixel_auroc"] is None and headline["aupro"] is None
     assert "n/a (no masks)" in (tmp_path / "out" / "eval.md").read_text()
     assert report["wall_s"] > 0
 
