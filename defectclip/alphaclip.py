@@ -35,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data.transforms import Preprocess, build_transform, resize
-from .io import atomic_dir, read_json, write_json_atomic
+from .errors import DefectclipError
+from .io import atomic_dir, read_json, read_json_object, read_safetensors, write_json_atomic
 from .towers import TextTower, VisionTower, build_text_tower, build_vision_tower
 
 ALPHA_MEAN = 0.5
@@ -48,7 +49,7 @@ FORMAT = "defectclip-alphaclip-describer"
 DEFAULT_TEMPERATURE = 0.07
 
 
-class AlphaClipError(ValueError):
+class AlphaClipError(DefectclipError):
     """A checkpoint, folder or input that does not fit the describer; the message says what is wrong."""
 
 
@@ -523,7 +524,8 @@ class AlphaDescriber(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, untuned: bool = False, keep_head: bool = False,
-                        merge_adapter: bool = True) -> "AlphaDescriber":
+                        merge_adapter: bool = True, root: str | Path | None = None,
+                        allow_absolute_tower: bool = True) -> "AlphaDescriber":
         """Reload a saved describer; outputs equal the saved model's.
 
         The adapter is merged into the base weights once (`merge_adapter=False` keeps it separate, to
@@ -535,12 +537,25 @@ class AlphaDescriber(nn.Module):
         `keep_head=True` with it keeps the trained projection: a mask-blind linear-probe baseline.
         """
         folder = _describer_folder(Path(folder))
-        config = read_json(folder / CONFIG_NAME)
+        config = read_json_object(folder / CONFIG_NAME, "an AlphaCLIP describer")
         if config.get("format") != FORMAT:
             raise AlphaClipError(f"{folder} is not an AlphaCLIP describer folder (format {config.get('format')!r}).")
-        describer = cls.build(config["vision"], config["text"], config.get("image_size"), config["projection_seed"],
-                              config["temperature"], config["candidates"])
+        vision, text = check_describer_config(config, folder, root, allow_absolute_tower)
+        try:
+            describer = cls.build(vision, text, config.get("image_size"), config["projection_seed"],
+                                  config["temperature"], config["candidates"])
+        except DefectclipError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged bundled tower fails inside timm / json
+            raise AlphaClipError(f"Cannot build the describer of {folder}: {type(err).__name__}: {err}") from err
         describer.config = dict(config)
+        try:
+            return describer._load_weights(folder, untuned, keep_head, merge_adapter)
+        except (RuntimeError, KeyError) as err:  # torch's load_state_dict on misshapen tensors
+            raise AlphaClipError(f"The weights in {folder} do not fit its describer_config.json: {err}") from err
+
+    def _load_weights(self, folder: Path, untuned: bool, keep_head: bool, merge_adapter: bool) -> "AlphaDescriber":
+        describer, config = self, self.config
         if untuned:
             if keep_head:
                 describer.image.projection.load_state_dict(_read_projection(folder / WEIGHTS_NAME), strict=True)
@@ -553,13 +568,19 @@ class AlphaDescriber(nn.Module):
         return describer.eval()
 
     def _load_adapter(self, folder: Path, merge_adapter: bool) -> None:
-        from safetensors.torch import load_file
-
-        self.image.load_describer_state(load_file(str(folder / WEIGHTS_NAME)))
+        self.image.load_describer_state(read_safetensors(folder / WEIGHTS_NAME))
         if self.config.get("lora"):
             from peft import PeftModel
 
-            self._set_peft_model(PeftModel.from_pretrained(self.image.base.model, str(folder / ADAPTER_DIR)))
+            adapter = folder / ADAPTER_DIR
+            if not (adapter / "adapter_model.safetensors").is_file() or any(adapter.glob("*.bin")):
+                # PEFT falls back to torch.load for adapter_model.bin: weights are read from safetensors only.
+                raise AlphaClipError(f"{adapter} must hold adapter_model.safetensors (and no .bin pickle files).")
+            try:
+                peft_model = PeftModel.from_pretrained(self.image.base.model, str(adapter))
+            except Exception as err:  # noqa: BLE001 - PEFT raises many kinds for a damaged adapter folder
+                raise AlphaClipError(f"Cannot load the LoRA adapter in {adapter}: {type(err).__name__}: {err}") from err
+            self._set_peft_model(peft_model)
             if merge_adapter:
                 with warnings.catch_warnings():
                     # PEFT merges a MultiheadAttention's out_proj together with the attention, then visits
@@ -568,13 +589,40 @@ class AlphaDescriber(nn.Module):
                     self.peft_model.merge_adapter()
 
     def _load_merged(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(folder / MERGED_WEIGHTS_NAME))
+        state = read_safetensors(folder / MERGED_WEIGHTS_NAME)
         _check_keys(set(state), set(self.image.base.model.state_dict()), f"merged weights in {folder}")
         self.image.base.model.load_state_dict(state, strict=True)
         self.image.projection.load_state_dict(_read_projection(folder / WEIGHTS_NAME), strict=True)
         self.config["lora"] = None
+
+
+def check_describer_config(config: dict, folder: Path, root: str | Path | None,
+                           allow_absolute_tower: bool) -> tuple[str, str]:
+    """Types and ranges of describer_config.json; returns the vision and text specs, confined to the artifact."""
+    from .schema import MAX_MODEL_SIDE, Config, confine_local_dir
+
+    schema = Config(config, folder / CONFIG_NAME)
+    schema.number("image_size", 1, MAX_MODEL_SIDE, integer=True, optional=True)
+    schema.number("projection_seed", 0, None, integer=True)
+    schema.number("temperature", 0.0, 100.0, low_open=True)
+    candidates = schema.require("candidates")
+    if not isinstance(candidates, dict) or not all(
+        isinstance(name, str) and isinstance(captions, list) and captions and all(isinstance(c, str) and c for c in captions)
+        for name, captions in candidates.items()
+    ):
+        schema.fail("must map object names to non-empty lists of captions", "candidates")
+    lora = config.get("lora")
+    if lora is not None:
+        sub = schema.sub("lora")
+        sub.number("r", 1, 1024, integer=True)
+        sub.number("alpha", 0.0, None, low_open=True)
+        sub.number("dropout", 0.0, 1.0)
+        sub.strings("targets")
+    vision, text = (
+        confine_local_dir(schema.string(role), folder, root, allow_absolute=allow_absolute_tower, where=f"{role} tower")
+        for role in ("vision", "text")
+    )
+    return vision, text
 
 
 def _describer_folder(folder: Path) -> Path:
@@ -585,9 +633,7 @@ def _describer_folder(folder: Path) -> Path:
 
 
 def _read_projection(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k.removeprefix("projection."): v for k, v in load_file(str(path)).items() if k.startswith("projection.")}
+    return {k.removeprefix("projection."): v for k, v in read_safetensors(path).items() if k.startswith("projection.")}
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

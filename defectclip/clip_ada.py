@@ -31,9 +31,10 @@ from scipy.ndimage import gaussian_filter
 
 from .data.images import array_to_tensor
 from .data.transforms import Preprocess, build_transform
-from .io import atomic_dir, read_json, write_json_atomic
+from .errors import ArtifactError
+from .io import atomic_dir, read_json_object, read_safetensors, write_json_atomic
 from .results import AnomalyResult
-from .towers import TextTower, Tokens, VisionTower, build_text_tower, build_vision_tower, require_hub
+from .towers import TextTower, Tokens, TowerError, VisionTower, build_text_tower, build_vision_tower, require_hub
 
 MODEL_TYPE = "clip_ada"
 FORMAT_VERSION = 1
@@ -425,16 +426,25 @@ class ClipADA(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu",
-             vision: VisionTower | None = None, text: TextTower | None = None) -> "ClipADA":
+             vision: VisionTower | None = None, text: TextTower | None = None,
+             root: str | Path | None = None, allow_absolute_tower: bool = True) -> "ClipADA":
         """Load a saved model from a folder or `hf-hub:<repo>`; strict about missing or unexpected keys.
 
         `vision` / `text` reuse towers already built from the same specs (the app and tests save rebuilds).
+        The config is checked (types, ranges, finite numbers) before anything is built; a `local-dir:`
+        tower must lie inside `root` (default: the folder), see `defectclip.schema.confine_local_dir`.
         """
         folder = resolve_folder(folder)
-        saved = read_json(folder / CONFIG_NAME)
+        saved = read_json_object(folder / CONFIG_NAME, "a CLIP-ADA")
         if saved.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"{folder} holds a {saved.get('model_type')!r} model, not {MODEL_TYPE!r}.")
-        model = cls(ClipADAConfig.from_dict(saved["config"]), vision=vision, text=text)
+            raise ArtifactError(f"{folder} holds a {saved.get('model_type')!r} model, not {MODEL_TYPE!r}.")
+        config = check_saved_config(saved, folder, root, allow_absolute_tower)
+        try:
+            model = cls(config, vision=vision, text=text)
+        except (ArtifactError, TowerError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged bundled tower fails inside timm / json
+            raise ArtifactError(f"Cannot build the CLIP-ADA model of {folder}: {type(err).__name__}: {err}") from err
         if "preprocess" in saved:
             model.preprocess = Preprocess.from_dict(saved["preprocess"])
             model.transform = build_transform(model.preprocess)
@@ -442,16 +452,53 @@ class ClipADA(nn.Module):
         return model.to(device).eval()
 
     def load_trainable(self, weights: Path) -> None:
-        from safetensors.torch import load_file
-
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found: a CLIP-ADA artifact needs {WEIGHTS_NAME}.")
-        state = load_file(str(weights))
-        expected = set(self.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ArtifactError(f"{weights} not found: a CLIP-ADA artifact needs {WEIGHTS_NAME}.")
+        state = read_safetensors(weights)
+        expected = self.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{weights} does not match the config: missing keys {missing}, unexpected keys {unexpected}.")
+            raise ArtifactError(f"{weights} does not match the config: missing keys {missing}, unexpected keys {unexpected}.")
+        wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items() if v.shape != expected[k].shape]
+        if wrong:
+            raise ArtifactError(f"{weights} has tensors of the wrong shape for its config: {wrong[:5]}.")
         self.load_state_dict(state, strict=True)
+
+
+def check_saved_config(saved: dict, folder: Path, root: str | Path | None, allow_absolute_tower: bool) -> ClipADAConfig:
+    """A saved CLIP-ADA config.json -> ClipADAConfig, every entry checked; tower specs confined to the artifact."""
+    from .schema import MAX_MODEL_SIDE, MAX_SIGMA, Config, check_preprocess, confine_local_dir
+
+    path = folder / CONFIG_NAME
+    outer = Config(saved, path)
+    outer.number("format_version", FORMAT_VERSION, FORMAT_VERSION, integer=True)
+    if "preprocess" in saved:
+        check_preprocess(outer.sub("preprocess"))
+    inner = outer.sub("config")
+    inner.only_keys(f.name for f in fields(ClipADAConfig))
+    data = dict(inner.data)
+    for role in ("vision", "text"):
+        if role in data:
+            data[role] = confine_local_dir(data[role], folder, root, allow_absolute=allow_absolute_tower, where=f"{role} tower")
+    checks = {
+        "n_ctx": lambda k: inner.number(k, 1, 64, integer=True),
+        "refine_steps": lambda k: inner.number(k, 0, 2, integer=True),
+        "learnable_prompt": inner.boolean, "learnable_scale": inner.boolean,
+        "scale": lambda k: inner.number(k, MIN_SCALE, MAX_SCALE),
+        "sigma": lambda k: inner.number(k, 0.0, MAX_SIGMA),
+        "top_k": lambda k: inner.number(k, 1, MAX_MODEL_SIDE**2, integer=True),
+        "threshold": lambda k: inner.number(k),
+        "template": inner.string, "ctx_word": inner.string, "ctx_init": lambda k: inner.string(k, CTX_INITS),
+        "layer": lambda k: inner.string(k, optional=True),
+        "image_size": lambda k: None if data[k] is None else inner.numbers(k, 2, 1, MAX_MODEL_SIDE, integer=True),
+    }
+    for key, check in checks.items():
+        if key in data:
+            check(key)
+    try:
+        return ClipADAConfig.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ArtifactError(f"{path}: {err}") from err
 
 
 def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

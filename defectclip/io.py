@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import ArtifactError
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
@@ -41,18 +43,61 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        try:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename below must never publish a file still in the page cache only
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
     os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600; the JSON is meant to be read by others
     os.replace(handle.name, path)
     return path
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path, what: str = "a defectclip artifact") -> Any:
+    """Parse a JSON file of an artifact; a missing, unreadable or invalid file is an ArtifactError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is this a defectclip artifact folder?")
+        raise ArtifactError(f"{path} not found: is {path.parent} {what} folder?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the artifact may be damaged.") from err
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark from an editor is not damage
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); the artifact may be damaged.") from err
+    except OSError as err:
+        raise ArtifactError(f"Cannot read {path}: {err}.") from err
+
+
+def read_json_object(path: str | Path, what: str = "a defectclip artifact") -> dict[str, Any]:
+    """`read_json` for files that must hold one JSON object (every config.json does)."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(data).__name__}, not an object; the artifact is damaged.")
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json reads NaN / Infinity, which no other JSON reader accepts and no config should hold.
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """All tensors of a safetensors file, refusing NaN / infinite values; a damaged file is an
+    ArtifactError naming it (safetensors' own errors do not say which file)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: the artifact folder is incomplete.")
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ValueError for a damaged file
+        raise ArtifactError(f"Cannot read {path}: {type(err).__name__}: {err}. Save or download it again.") from err
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{path}: tensor {name!r} holds NaN or infinite values; the artifact is damaged.")
+    return tensors

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import DefectclipError
+from .io import read_json
 from .regions_ui import predicted_regions, region_from_click
 from .results import AnomalyResult
 
@@ -32,7 +34,7 @@ REFERENCE_FREE = "reference-free (CLIP-ADA)"
 MAX_FEW_SHOT_IMAGES = 16
 
 
-class PipelineError(ValueError):
+class PipelineError(DefectclipError):
     """A request the pipeline cannot serve; the message tells the user what to do."""
 
 
@@ -54,7 +56,9 @@ def _object_of(folder: Path) -> str:
     """inspection.json beside a scorer names the object it inspects; else the folder name stands in."""
     side = folder / "inspection.json"
     if side.is_file():
-        return str(json.loads(side.read_text())["object"])
+        from .schema import Config
+
+        return Config(read_json(side), side).string("object")
     return folder.name.replace("_", " ")
 
 
@@ -92,20 +96,21 @@ def plain_model_name(object_name: str, model_type: str, backbone: str) -> str:
     return f"{object_name or 'any object'} · {METHOD_NAMES.get(model_type, model_type)} · {backbone}"
 
 
-def load_scorers(folder: Path, device: str = "cpu") -> dict[str, InspectionModel]:
+def load_scorers(
+    folder: Path, device: str = "cpu", root: Path | None = None, allow_absolute_tower: bool = True
+) -> dict[str, InspectionModel]:
     """Every PatchCore/PaDiM folder under `folder`, keyed by a plain name (object · method · backbone).
 
     Scorers are loaded on `device` (the CPU by default) and moved once with `InspectionPipeline.to`:
     picking CUDA while loading would touch the GPU before a ZeroGPU Space has imported `spaces`.
+    `root` is the artifact a scorer's `local-dir:` tower must stay inside (default: its own folder).
     """
-    from .scoring import SCORERS, load_config
+    from .scoring import load_config, load_scorer
 
     models = {}
     for model_dir in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
         config = load_config(model_dir)
-        if config.get("model_type") not in SCORERS:
-            raise PipelineError(f"{model_dir} holds a {config.get('model_type')!r} model; expected one of {sorted(SCORERS)}.")
-        scorer = SCORERS[config["model_type"]].load(model_dir, device=device)
+        scorer = load_scorer(model_dir, device=device, root=root, allow_absolute_tower=allow_absolute_tower)
         object_name = _object_of(model_dir)
         name = plain_model_name(object_name, config["model_type"], backbone_label(config.get("tower", ""), model_dir))
         if name in models:  # two folders that differ only in details the plain name leaves out
@@ -138,13 +143,20 @@ class InspectionPipeline:
     # -- construction ----------------------------------------------------------------------------
 
     @classmethod
-    def from_folder(cls, root: str | Path, **kwargs) -> "InspectionPipeline":
+    def from_folder(cls, root: str | Path, allow_absolute_towers: bool = False, **kwargs) -> "InspectionPipeline":
+        """Load the models folder; every `local-dir:` tower must lie inside it.
+
+        A models folder is a shared artifact (a Hub repo, the embedded default), so by default its
+        towers may only be named relative to it; `allow_absolute_towers=True` accepts absolute paths
+        for a folder assembled on this machine.
+        """
         root = Path(root)
         if not root.is_dir():
             raise PipelineError(f"Model folder {root} does not exist.")
-        models = load_scorers(root / "scorers") if (root / "scorers").is_dir() else {}
-        describer = _load_describer(root / "describer")
-        clip_ada = _load_clip_ada(root / "clip_ada")
+        options = {"root": root, "allow_absolute_tower": allow_absolute_towers}
+        models = load_scorers(root / "scorers", **options) if (root / "scorers").is_dir() else {}
+        describer = _load_describer(root / "describer", **options)
+        clip_ada = _load_clip_ada(root / "clip_ada", **options)
         if not models and clip_ada is None:
             raise PipelineError(f"{root} holds no scorer (scorers/<name>/) and no CLIP-ADA head (clip_ada/).")
         return cls(models, describer, clip_ada, **kwargs)
@@ -266,26 +278,38 @@ class InspectionPipeline:
 
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:
-    array = np.asarray(image)
+    from .data.images import MAX_IMAGE_PIXELS
+
+    if not isinstance(image, np.ndarray):
+        raise PipelineError(
+            f"Expected an H x W x 3 uint8 RGB image (numpy array), got a {type(image).__name__}; "
+            "read files with defectclip.data.load_image_array."
+        )
+    array = image
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise PipelineError(f"Expected an H x W x 3 uint8 RGB image, got {array.dtype} {array.shape}.")
+    height, width = array.shape[:2]
+    if height < 1 or width < 1 or height * width > MAX_IMAGE_PIXELS:
+        raise PipelineError(
+            f"The image is {width} x {height} pixels; it must have pixels and at most {MAX_IMAGE_PIXELS / 1e6:.0f} MP."
+        )
     return array
 
 
-def _load_describer(folder: Path):
+def _load_describer(folder: Path, **options):
     if not (folder / "describer_config.json").is_file():
         return None
     from .alphaclip import AlphaDescriber
 
-    return AlphaDescriber.from_pretrained(folder).eval()
+    return AlphaDescriber.from_pretrained(folder, **options).eval()
 
 
-def _load_clip_ada(folder: Path):
+def _load_clip_ada(folder: Path, **options):
     if not (folder / "config.json").is_file():
         return None
     from .clip_ada import ClipADA
 
-    return ClipADA.load(folder)
+    return ClipADA.load(folder, **options)
 
 
 def _move_model(model: Any, device) -> None:

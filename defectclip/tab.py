@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .data import load_image_array, normalize
 from .data.transforms import Preprocess
+from .errors import DefectclipError
 from .io import atomic_dir, read_json, write_json_atomic
 from .prompts import PromptSettings
 from .synth import SYNTHESES as SYNTHESIS_METHODS, synthesize
@@ -45,7 +46,7 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: beyond 100 the softmax satura
 SYNTHESIS_TRIES = 3  # redraws when a synthesis changed no pixel (e.g. a flat patch on flat ground)
 
 
-class TABError(ValueError):
+class TABError(DefectclipError):
     """A TAB model, loss or artifact that cannot work as asked; the message says why and what to do."""
 
 

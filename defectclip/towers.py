@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import DefectclipError
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 OFFLINE_VISION = "offline:efficientnet_lite0"
@@ -33,7 +34,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_SIZE = 64
 
 
-class TowerError(ValueError):
+class TowerError(DefectclipError):
     """A spec that cannot be built: the message says why and what to use instead."""
 
 

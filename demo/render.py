@@ -7,10 +7,11 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from scipy import ndimage
 
-from defectclip.data import pil_to_rgb_array
+from defectclip.data import DataError, pil_to_rgb_array
+from defectclip.data.images import check_regular_file, open_image
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # beyond this PIL's decompression-bomb guard would trip anyway
@@ -19,24 +20,28 @@ OUTLINE_RGB = (0, 255, 0)
 SELECTED_RGB = (255, 64, 255)
 
 
-class UploadError(ValueError):
+class UploadError(DataError):
     """What the user sees instead of a stack trace when an upload cannot be used."""
 
 
 def read_upload(path: str | Path) -> np.ndarray:
-    """An uploaded file -> H x W x 3 uint8 RGB, no side longer than MAX_SIDE."""
+    """An uploaded file -> H x W x 3 uint8 RGB, no side longer than MAX_SIDE.
+
+    The file goes through defectclip's one image loader (regular file only, pixel budget checked from
+    the header, EXIF orientation, bit-depth scaling, finite pixels), with the app's tighter limits.
+    """
     path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_UPLOAD_BYTES:
-        raise UploadError(f"The file is {size / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise UploadError(f"The image is {img.width}x{img.height}; at most {MAX_PIXELS // 1_000_000} MP is accepted.")
-            img.load()
-            rgb = pil_to_rgb_array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise UploadError(f"{path.name} is not an image this app can read (PNG, JPEG, TIFF, BMP, WebP).") from err
+        check_regular_file(path)
+        size = path.stat().st_size
+        if size > MAX_UPLOAD_BYTES:
+            raise UploadError(f"{path.name} is {size / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 1e6:.0f} MB.")
+        rgb = pil_to_rgb_array(open_image(path, max_pixels=MAX_PIXELS), path.name)
+    except UploadError:
+        raise
+    except DataError as err:
+        reason = str(err).replace(str(path), path.name)
+        raise UploadError(f"{path.name} is not an image this app can read (PNG, JPEG, TIFF, BMP, WebP): {reason}") from err
     return shrink(rgb)
 
 

@@ -1,6 +1,6 @@
 """`python -m hub COMMAND ...`: push folders, export artifacts as Hub-ready folders, build the Space folder.
 
-    push-model|push-dataset|push-space <folder> <repo> [--dry-run] [--force] [--private] [--token T]
+    push-model|push-dataset|push-space <folder> <repo> [--dry-run] [--force] [--private]   (token: HF_TOKEN / hf auth login)
     export-tab|export-scorer|export-describer|export-clip-ada <source> <out> [card options]
     export-pipeline <out> --scorer NAME=FOLDER ... [--describer F] [--clip-ada F] [card options]
     build-space <out> [--models-repo R] [--model R ...] [--dataset R ...] [--hardware H]
@@ -13,7 +13,7 @@ import sys
 
 from pathlib import Path
 
-from hub.push import DEFAULT_ORG, ORG_ENV_VAR, RetryPolicy, push_folder
+from hub.push import DEFAULT_ORG, ORG_ENV_VAR, RetryPolicy, add_token_argument, push_folder
 
 PUSH_COMMANDS = {"push-model": "model", "push-dataset": "dataset", "push-space": "space"}
 EXPORT_COMMANDS = {
@@ -32,7 +32,7 @@ def _add_push_command(subparsers, command: str, repo_type: str) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace the README.md on the Hub even if it was edited there since our last push")
     parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
-    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    add_token_argument(parser)
     parser.add_argument("--message", default=None, help="commit title (default: a generated one)")
     parser.add_argument("--attempts", type=int, default=RetryPolicy.attempts,
                         help="tries in all when the network or the Hub fails (default %(default)s)")

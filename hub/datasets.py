@@ -693,7 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="list the files; touch no network")
     push.add_argument("--force", action="store_true", help="replace a README.md edited on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    from hub.push import add_token_argument
+
+    add_token_argument(push)
     push.set_defaults(handler=_run_push)
     return parser
 

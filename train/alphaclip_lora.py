@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
     optimizer = make_optimizer(describer, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, last_step))
     image_tower, optimizer, loader, scheduler = accelerator.prepare(describer.image, optimizer, loader, scheduler)
-    resume_if_asked(accelerator, args)
+    resume_if_asked(accelerator, args, progress)
     started = time.perf_counter()
     losses = train_loop(describer, image_tower, caption_bank, loader, generator, optimizer, scheduler, accelerator, progress, args, last_step)
     folder = save_artifacts(describer, args, accelerator)

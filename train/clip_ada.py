@@ -31,6 +31,7 @@ from train.common import (
     batches_from,
     check_common_args,
     log_loss,
+    loss_values,
     make_accelerator,
     maybe_checkpoint,
     resume_if_asked,
@@ -282,7 +283,7 @@ def finish(accelerator, model, paths: list[Path], args, progress, losses: list[f
         "trainable_parameters": model.num_trainable_parameters(),
         "train_seconds": seconds,
         "train_images_per_second": len(losses) * args.batch_size * args.gradient_accumulation_steps / max(seconds, 1e-9),
-        **loss_summary(losses),
+        **loss_summary(loss_values(progress)),  # the whole run's, also after a resume
     }
     if accelerator.is_main_process:
         metrics["threshold"] = model.calibrate_threshold(
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, total_steps(args, len(loader)))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    resume_if_asked(accelerator, args)
+    resume_if_asked(accelerator, args, progress)
     started = time.perf_counter()
     losses = train_loop(model, loader, optimizer, scheduler, accelerator, progress, args, generator)
     metrics = finish(accelerator, model, paths, args, progress, losses, time.perf_counter() - started)

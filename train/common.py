@@ -1,8 +1,10 @@
 """What every training script shares: common flags, the Accelerator, checkpoints and resume.
 
-Checkpoints are Accelerate states under `<output-dir>/checkpoints/checkpoint_<n>` (model, optimizer,
-scheduler, RNG, and the step counter registered here), so `--resume latest` continues with the same
-step count, optimizer state and data order.
+Checkpoints live under `<output-dir>/checkpoints/checkpoint_<n>` (models, optimizers, schedulers, the
+gradient scaler, RNG states, the step counter and the loss history), so `--resume latest` continues
+with the same step count, optimizer state and data order. They are written by `train.checkpoints`,
+not Accelerate's `save_state`: safetensors + JSON only, so resuming never unpickles anything, and
+each checkpoint appears under its name only once it is complete.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+from train import checkpoints as ckpt
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -57,23 +62,22 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Progress:
-    """The step counter, saved inside every checkpoint so a resumed run knows where it was."""
+    """The step counter and the logged losses, saved (as JSON) in every checkpoint, so a resumed run
+    knows where it was and its metrics cover the whole run, even one resumed at its last step."""
 
     step: int = 0
+    loss_history: list = field(default_factory=list)  # [[step, loss], ...] as logged
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "loss_history": [[int(s), float(v)] for s, v in self.loss_history]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.loss_history = [[int(s), float(v)] for s, v in state.get("loss_history", [])]
 
 
 def make_accelerator(args: argparse.Namespace) -> tuple[Accelerator, Progress]:
-    project = ProjectConfiguration(
-        project_dir=str(args.output_dir),
-        automatic_checkpoint_naming=True,
-        total_limit=args.checkpoints_total_limit,
-    )
+    project = ProjectConfiguration(project_dir=str(args.output_dir), total_limit=args.checkpoints_total_limit)
     # sync_with_dataloader=False: Accelerate would otherwise force an optimizer step at every epoch end,
     # which shifts the micro-batch count a resumed run uses to find its place in the data.
     accumulation = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
@@ -82,37 +86,97 @@ def make_accelerator(args: argparse.Namespace) -> tuple[Accelerator, Progress]:
         gradient_accumulation_plugin=accumulation,
         project_config=project,
     )
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-    return accelerator, progress
+    # The Progress is not registered with Accelerate: its save_state would pickle it and its load_state
+    # would unpickle it (weights_only=False). It travels in the checkpoint's state.json instead.
+    return accelerator, Progress()
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def find_checkpoint(output_dir: Path, resume: str) -> Path:
-    """'latest' -> the newest checkpoint_<n> under output_dir; anything else must be a folder."""
+def find_checkpoint(output_dir: Path, resume: str, say: Callable[[str], None] = print) -> Path:
+    """'latest' -> the newest complete checkpoint_<n> under output_dir; anything else must be a complete one.
+
+    Incomplete folders (a run killed while writing, a copy that lost files, Accelerate's pickle
+    format) are named and skipped, never loaded.
+    """
     if resume != "latest":
         folder = Path(resume)
+        if not folder.is_dir() and (checkpoint_dir(output_dir) / resume).is_dir():
+            folder = checkpoint_dir(output_dir) / resume  # `--resume checkpoint_2` names one of this run's
         if not folder.is_dir():
             raise SystemExit(f"--resume {resume}: no such checkpoint folder.")
+        if ckpt.read_manifest(folder) is None:
+            raise SystemExit(f"--resume {resume}: {ckpt.incomplete_message(folder)}")
         return folder
-    found = sorted(checkpoint_dir(output_dir).glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-    if not found:
-        raise SystemExit(f"--resume latest: no checkpoint under {checkpoint_dir(output_dir)}; start without --resume.")
-    return found[-1]
+    root = checkpoint_dir(output_dir)
+    for folder in reversed(ckpt.named_checkpoints(root)):
+        if ckpt.is_complete(folder):
+            return folder
+        say(f"skipping {folder}: {ckpt.incomplete_message(folder)}")
+    raise SystemExit(f"--resume latest: no complete checkpoint under {root}; start without --resume.")
 
 
-def resume_if_asked(accelerator: Accelerator, args: argparse.Namespace) -> None:
-    """Load model, optimizer, scheduler, RNG and step counter from a checkpoint."""
+def save_checkpoint(accelerator: Accelerator, progress: Progress, output_dir: Path, keep: int | None) -> Path:
+    """Write checkpoint_<n> (n one past every existing number) via a staging folder and one rename,
+    then delete complete checkpoints beyond `keep`, oldest first."""
+    root = checkpoint_dir(output_dir)
+    index = ckpt.next_index(root)
+    staging, target = ckpt.staging_for(root, index), root / f"checkpoint_{index}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while writing this number
+        staging.mkdir()
+    accelerator.wait_for_everyone()
+    ckpt.write_rng(staging, accelerator.process_index)  # every process has its own generators
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        models = [accelerator.unwrap_model(m) for m in accelerator._models]  # what save_state would save
+        extra = {"progress": progress.state_dict(), "accelerator_step": int(accelerator.step),
+                 "process_count": accelerator.num_processes}
+        ckpt.write_checkpoint(staging, models, accelerator._optimizers, accelerator._schedulers,
+                              accelerator.scaler, extra)
+        ckpt.publish(staging, target)
+        ckpt.rotate(root, keep)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def load_checkpoint(accelerator: Accelerator, progress: Progress, folder: Path) -> None:
+    """Restore models, optimizers, schedulers, scaler, RNG and progress from safetensors + JSON only."""
+    state, _ = ckpt.read_checkpoint(folder)
+    counts = {"models": (len(accelerator._models), len([n for n in state["files"] if n.startswith("model")])),
+              "optimizers": (len(accelerator._optimizers), len(state["optimizers"])),
+              "schedulers": (len(accelerator._schedulers), len(state["schedulers"]))}
+    for what, (have, saved) in counts.items():
+        if have != saved:
+            raise ckpt.CheckpointError(f"{folder} holds {saved} {what}, this run has {have}: it belongs to another script.")
+    ckpt.load_models(folder, [accelerator.unwrap_model(m) for m in accelerator._models])
+    try:
+        for optimizer, saved in zip(accelerator._optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(accelerator._schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        if accelerator.scaler is not None and state["scaler"] is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        rng = ckpt.read_rng(folder, accelerator.process_index)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise ckpt.CheckpointError(f"{folder} does not fit this run's optimizer, scheduler or RNG: {err}") from err
+    progress.load_state_dict(state["progress"])
+    accelerator.step = int(state["accelerator_step"])
+
+
+def resume_if_asked(accelerator: Accelerator, args: argparse.Namespace, progress: Progress) -> None:
+    """Load model, optimizer, scheduler, RNG, step counter and loss history from a checkpoint."""
     if not args.resume:
         return
-    folder = find_checkpoint(args.output_dir, args.resume)
-    accelerator.load_state(str(folder))
-    # Accelerate numbers new checkpoints after the one loaded, so later saves never overwrite it.
-    accelerator.project_configuration.iteration = int(folder.name.split("_")[-1]) + 1
-    accelerator.print(f"resumed from {folder}")
+    folder = find_checkpoint(args.output_dir, args.resume, accelerator.print)
+    load_checkpoint(accelerator, progress, folder)
+    accelerator.print(f"resumed from {folder} at step {progress.step}")
 
 
 def total_steps(args: argparse.Namespace, batches_per_epoch: int) -> int:
@@ -151,12 +215,20 @@ def batches_from(
 
 
 def maybe_checkpoint(accelerator: Accelerator, progress: Progress, args: argparse.Namespace, last_step: int) -> None:
+    """Every --checkpointing-steps, and always at the last step, so the final save can be redone
+    from a checkpoint if the run is killed while writing the artifact."""
     if progress.step % args.checkpointing_steps == 0 or progress.step == last_step:
-        accelerator.save_state()
+        save_checkpoint(accelerator, progress, args.output_dir, args.checkpoints_total_limit)
 
 
 def log_loss(accelerator: Accelerator, progress: Progress, args, loss: float, bar=None) -> None:
+    """Show the loss, keep it in the run's history (saved with checkpoints) and log it every --log-every steps."""
     if bar is not None:
         bar.set_postfix(loss=f"{loss:.4f}")
+    progress.loss_history.append([progress.step, float(loss)])
     if progress.step % args.log_every == 0:
         accelerator.log({"loss": loss}, step=progress.step)
+
+
+def loss_values(progress: Progress) -> list[float]:
+    return [loss for _, loss in progress.loss_history]

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from defectclip.data import DataError, MVTecDataset
-from defectclip.io import atomic_dir, write_json_atomic
+from defectclip.io import write_json_atomic
 from defectclip.prompts import PROMPT_LEVELS, PromptSettings, class_text_vectors
 from defectclip.tab import (
     HEADS, LOSSES, SYNTHESES, EpochShuffle, SyntheticPairs, TABBackbone, TABConfig, TABError, check_loss, pair_loss,
@@ -255,21 +255,31 @@ def after_step(accelerator, progress, args, log: LossLog, bar, total: int) -> No
 # saving
 
 
-def carry_over(old: Path, new: Path) -> None:
-    """Move what the previous folder holds besides the artifact (checkpoints/, logs) into the new one."""
-    if not old.is_dir():
-        return
-    for entry in old.iterdir():
-        if not (new / entry.name).exists():
-            os.replace(entry, new / entry.name)
+STAGING_NAME = ".artifact.incomplete"
 
 
 def save_artifact(model: TABBackbone, output_dir: Path, metrics: dict, step: int) -> None:
-    """Replace the artifact in one rename, keeping checkpoints/ so `--resume latest` still works."""
-    with atomic_dir(output_dir) as staging:
-        model.write_files(staging, step)
-        write_json_atomic(staging / METRICS_NAME, metrics)
-        carry_over(output_dir, staging)
+    """Write the artifact beside checkpoints/, each file replaced by one rename, metrics.json last.
+
+    checkpoints/ never moves, so a kill at any moment of this save leaves `--resume latest` working:
+    the final checkpoint is written before this runs, and resuming from it redoes the save.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / STAGING_NAME
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed during its final save
+    staging.mkdir()
+    model.write_files(staging, step)
+    write_json_atomic(staging / METRICS_NAME, metrics)
+    files = sorted(staging.iterdir(), key=lambda p: (p.name == METRICS_NAME, p.name))  # metrics.json last: "done"
+    for file in files:
+        fsync_file(file)
+        os.replace(file, output_dir / file.name)
+    shutil.rmtree(staging)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def push_artifact(output_dir: Path, repo: str) -> None:
@@ -285,9 +295,10 @@ def push_artifact(output_dir: Path, repo: str) -> None:
 def run_metrics(log: LossLog, progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
     images = micro_batches * 2 * args.batch_size * accelerator.num_processes  # normal + synthetic
     return {
-        "final_loss": log.history[-1][1] if log.history else None,
-        "first_loss": log.history[0][1] if log.history else None,
-        "loss_history": [[step, loss] for step, loss in log.history],
+        # The whole run's history, kept in the checkpoints: a run resumed at its last step still has it.
+        "final_loss": progress.loss_history[-1][1] if progress.loss_history else None,
+        "first_loss": progress.loss_history[0][1] if progress.loss_history else None,
+        "loss_history": [list(entry) for entry in progress.loss_history],
         "steps": progress.step,
         "micro_batches_this_run": micro_batches,
         "images_per_second": images / seconds if seconds > 0 else None,
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer, total, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    resume_if_asked(accelerator, args)
+    resume_if_asked(accelerator, args, progress)
     log, micro_batches, seconds = train_loop(accelerator, progress, model, optimizer, scheduler, loader,
                                              plain_loader.sampler, text_vectors, args, total)
     metrics = run_metrics(log, progress, micro_batches, seconds, args, accelerator)

@@ -191,31 +191,55 @@ class MVTecDataset(_SampleList):
         return masks
 
 
+CLASSES_EXAMPLE = '{"object": "steel strip", "classes": {"1": "inclusion", "2": "patches"}}'
+
+
 def read_classes_json(root: Path) -> tuple[str, dict[int, str]]:
     """`classes.json` = {"object": ..., "classes": {"1": "inclusion", ...}} -> (object, {index: name})."""
     path = root / "classes.json"
     if not path.is_file():
         raise DataError(f"Missing {path}: an index-mask dataset names its object and classes there.")
     try:
-        spec = json.loads(path.read_text())
-        classes = {int(k): str(v) for k, v in spec["classes"].items()}
-        object_name = str(spec["object"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        # utf-8-sig: editors on Windows start the file with a byte-order mark, which is not an error.
+        spec = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid UTF-8 JSON ({err}). Expected {CLASSES_EXAMPLE}.") from err
+    if not isinstance(spec, dict) or not isinstance(spec.get("classes"), dict):
         raise DataError(
-            f"Cannot read {path}: {err}. Expected {{\"object\": \"steel strip\", \"classes\": {{\"1\": \"inclusion\"}}}}."
-        ) from err
+            f"{path} must be an object whose \"classes\" maps class indices to names, e.g. {CLASSES_EXAMPLE}; "
+            "a list would leave it unclear whether counting starts at 0 or 1."
+        )
+    object_name = spec.get("object")
+    if not isinstance(object_name, str) or not object_name.strip():
+        raise DataError(f"{path} must name the inspected object as a non-empty string, e.g. {CLASSES_EXAMPLE}.")
+    classes = {_class_index(key, path): _class_name(name, key, path) for key, name in spec["classes"].items()}
     # Index 0 is background by convention; a file may name it, but it is never a defect type.
     classes.pop(0, None)
     if not classes:
         raise DataError(f"{path} names no defect classes (indices 1, 2, ...).")
+    if len(set(classes.values())) != len(classes):
+        raise DataError(f"{path} gives two class indices the same name: {sorted(classes.values())}.")
     return object_name, classes
+
+
+def _class_index(key: str, path: Path) -> int:
+    if not key.isdigit() or int(key) > 255:
+        raise DataError(f"{path}: class index {key!r} must be a whole number 0-255 (a mask pixel value).")
+    return int(key)
+
+
+def _class_name(name: object, key: str, path: Path) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{path}: class {key} must be named by a non-empty string, got {name!r}.")
+    return name
 
 
 class IndexMaskDataset(_SampleList):
     """`images/<split>/<id>.*`, `masks/<split>/<id>.png` (pixel = class index), `classes.json`.
 
     Images without a mask file are treated as normal; a mask that is all background also marks a
-    normal image.
+    normal image. The masks folder must exist (empty when every image is normal), and every file in
+    it must be the `<id>.png` of an image: a mask under another name would silently label its image normal.
     """
 
     def __init__(self, root: str | Path, split: str = "train"):
@@ -224,10 +248,15 @@ class IndexMaskDataset(_SampleList):
         self.split = split
         self.object, self.classes = read_classes_json(self.root)
         image_dir = _require_dir(self.root / "images" / split, f"{split!r} images folder")
-        mask_dir = self.root / "masks" / split
-        self.refs = [self._ref(p, mask_dir) for p in list_images(image_dir)]
-        if not self.refs:
+        mask_dir = _require_dir(
+            self.root / "masks" / split,
+            f"{split!r} masks folder (masks/{split}/<id>.png; leave it empty if every image is defect-free)",
+        )
+        images = list_images(image_dir)
+        if not images:
             raise DataError(f"No images in {image_dir}.")
+        check_mask_names(mask_dir, images)
+        self.refs = [self._ref(p, mask_dir) for p in images]
 
     def _ref(self, image_path: Path, mask_dir: Path) -> SampleRef:
         mask_path = mask_dir / f"{image_path.stem}.png"
@@ -260,6 +289,26 @@ class IndexMaskDataset(_SampleList):
     def labels(self) -> list[int]:
         # Without reading pixels, a mask file's presence is the best label; `load` refines it.
         return [0 if ref.index_mask_path is None else 1 for ref in self.refs]
+
+
+def check_mask_names(mask_dir: Path, images: list[Path]) -> None:
+    """Every file in the masks folder must be `<image id>.png`.
+
+    A mask saved under another name (`<id>_mask.png`) or format (`<id>.jpg`) would otherwise be
+    ignored and its image read as defect-free: the one mistake that gives no error and wrong labels.
+    """
+    stems = {p.stem for p in images}
+    strays = sorted(
+        p.name for p in mask_dir.iterdir()
+        if not p.name.startswith(".") and (p.suffix.lower() != ".png" or p.stem not in stems)
+    )
+    if strays:
+        shown = ", ".join(strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
+        raise DataError(
+            f"{mask_dir} holds files that are not the mask of any image ({shown}). Index masks must be "
+            f"named <image id>.png after an image in images/{mask_dir.name}/ (lossless PNG: JPEG changes "
+            "class indices); rename or remove the others."
+        )
 
 
 def open_dataset(root: str | Path, split: str = "train", categories: list[str] | None = None) -> _SampleList:

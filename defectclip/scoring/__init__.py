@@ -12,12 +12,12 @@ from .patchcore import PatchCore, greedy_k_center, nearest_neighbours, select_co
 SCORERS = {"patchcore": PatchCore, "padim": PaDiM}
 
 
-def load_scorer(folder) -> FeatureScorer:
-    """Load a saved PatchCore or PaDiM folder, whichever it holds."""
+def load_scorer(folder, **load_options) -> FeatureScorer:
+    """Load a saved PatchCore or PaDiM folder, whichever it holds (options: see FeatureScorer.load)."""
     model_type = load_config(folder).get("model_type")
-    if model_type not in SCORERS:
+    if not isinstance(model_type, str) or model_type not in SCORERS:
         raise ScoringError(f"{folder} holds a {model_type!r} model; expected one of {sorted(SCORERS)}.")
-    return SCORERS[model_type].load(folder)
+    return SCORERS[model_type].load(folder, **load_options)
 
 
 __all__ = [

@@ -16,7 +16,6 @@ around the model itself lives here:
 from __future__ import annotations
 
 import abc
-import json
 import math
 import weakref
 from dataclasses import dataclass
@@ -31,9 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..data import Preprocess, array_to_tensor, load_image, normalize, pil_to_rgb_array, resize
-from ..io import atomic_dir, read_json, write_json_atomic
+from ..data.images import MAX_IMAGE_PIXELS
+from ..errors import ArtifactError, DefectclipError
+from ..io import atomic_dir, read_json_object, write_json_atomic
 from ..metrics import f1_max
 from ..results import AnomalyResult
+from ..schema import MAX_SIGMA, Config, check_number, check_preprocess, check_tensor, confine_local_dir
 from ..towers import TowerError, VisionTower, build_vision_tower, split_spec
 from .errors import ScoringError
 from .plan import Box, InputPlan, crop, parse_plan, stitch
@@ -43,6 +45,7 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_SIGMA = 4.0
 DEFAULT_QUANTILE = 0.99
+FLOAT_TOLERANCE = 1e-3  # resampling overshoot, not a different value convention
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,16 +101,15 @@ def portable_spec(spec: str) -> str:
     return spec
 
 
-def resolve_saved_spec(spec: str, folder: str | Path) -> str:
+def resolve_saved_spec(spec: str, folder: str | Path, root: str | Path | None = None,
+                       allow_absolute: bool = True) -> str:
     """A saved `local-dir:<relative path>` tower is relative to the model folder itself.
 
     That is how an exported model carries its own backbone (`local-dir:tower`) and still loads from
-    any place it is copied or downloaded to.
+    any place it is copied or downloaded to. The path must stay inside `root` (the artifact's top
+    folder, by default the model folder): see `defectclip.schema.confine_local_dir`.
     """
-    kind, name = split_spec(spec)
-    if kind == "local-dir" and not Path(name).expanduser().is_absolute():
-        return f"local-dir:{(Path(folder) / name).resolve()}"
-    return spec
+    return confine_local_dir(spec, folder, root, allow_absolute=allow_absolute)
 
 
 def build_tower(tower: str | VisionTower) -> VisionTower:
@@ -132,7 +134,7 @@ def as_image_tensor(item: Any) -> torch.Tensor:
     if isinstance(item, (str, Path)):
         return load_image(item)
     if isinstance(item, Image.Image):
-        return array_to_tensor(pil_to_rgb_array(item))
+        return array_to_tensor(pil_to_rgb_array(item, "PIL image"))
     if hasattr(item, "image") and isinstance(getattr(item, "image"), torch.Tensor):
         return as_image_tensor(item.image)
     if isinstance(item, np.ndarray):
@@ -145,6 +147,16 @@ def as_image_tensor(item: Any) -> torch.Tensor:
     )
 
 
+def _check_pixels(height: int, width: int, what: str) -> None:
+    if height < 1 or width < 1:
+        raise ScoringError(f"The {what} is empty ({height} x {width} pixels).")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise ScoringError(
+            f"The {what} is {width} x {height} = {height * width / 1e6:.0f} MP; at most "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP is scored (defectclip.data.images.MAX_IMAGE_PIXELS). Downscale it first."
+        )
+
+
 def _array_image(array: np.ndarray) -> torch.Tensor:
     if array.ndim != 3 or array.shape[2] != 3:
         raise ScoringError(
@@ -153,6 +165,7 @@ def _array_image(array: np.ndarray) -> torch.Tensor:
         )
     if array.dtype != np.uint8:
         raise ScoringError(f"Expected a uint8 H x W x 3 array (0-255), got {array.dtype}; pass floats as a 3 x H x W tensor.")
+    _check_pixels(array.shape[0], array.shape[1], "image array")
     return array_to_tensor(array)
 
 
@@ -164,11 +177,22 @@ def _tensor_image(tensor: torch.Tensor) -> torch.Tensor:
             "Grayscale images need 3 channels: defectclip.data.load_image(path) converts any file to RGB, "
             "or repeat the channel with image.expand(3, -1, -1)."
         )
+    _check_pixels(tensor.shape[1], tensor.shape[2], "image tensor")
     if tensor.dtype == torch.uint8:
-        return tensor.float().div_(255.0)
+        return tensor.detach().cpu().float().div_(255.0)
     if not tensor.is_floating_point():
         raise ScoringError(f"Expected a float (0-1) or uint8 image tensor, got {tensor.dtype}.")
-    return tensor.detach().float().cpu()
+    image = tensor.detach().float().cpu()
+    finite = torch.isfinite(image)
+    if not bool(finite.all()):
+        raise ScoringError(
+            f"The image tensor holds {int((~finite).sum())} NaN or infinite values; every pixel must be a finite 0-1 value."
+        )
+    low, high = float(image.min()), float(image.max())
+    if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
+        hint = " It looks like 0-255 values: divide by 255." if high > 1.5 else ""
+        raise ScoringError(f"Float image tensors must hold values in [0, 1]; this one spans {low:g}..{high:g}.{hint}")
+    return image.clamp_(0.0, 1.0)
 
 
 def is_dataset(source: Any) -> bool:
@@ -201,7 +225,9 @@ def normal_subset(source: Any) -> Sequence[Any]:
     if labels is not None:
         images = torch.utils.data.Subset(images, [i for i, label in enumerate(labels) if label == 0])
     if len(images) == 0:
-        raise ScoringError("The normal (training) set is empty: fit needs at least one defect-free image.")
+        root = getattr(source, "root", None)
+        where = f" of {root} ({getattr(source, 'split', '?')} split)" if root is not None else ""
+        raise ScoringError(f"The normal (training) set{where} is empty: fit needs at least one defect-free image.")
     return images
 
 
@@ -224,12 +250,23 @@ class ViewBatch:
     image_sizes: list[tuple[int, int]]
 
 
-def iter_view_groups(images: Sequence[Any], plan: InputPlan, batch_size: int) -> Iterator[ViewGroup]:
+def iter_view_groups(
+    images: Sequence[Any], plan: InputPlan, batch_size: int, min_size: int = 1, spec: str = ""
+) -> Iterator[ViewGroup]:
     """Read images lazily and group them so that a group holds about `batch_size` windows (whole
-    images; one large image alone may hold more, and is then embedded in several passes)."""
+    images; one large image alone may hold more, and is then embedded in several passes).
+
+    Each image is checked against the tower's smallest usable size here, where its file name (if it
+    came from one) is still known, so the error says which image is too small.
+    """
     group = ViewGroup([], [])
     for index in range(len(images)):
-        image = as_image_tensor(images[index])
+        item = images[index]
+        image = as_image_tensor(item)
+        try:
+            check_image_size(image, min_size, spec)
+        except ScoringError as err:
+            raise ScoringError(f"{image_label(item, index)}: {err}") from None
         boxes = plan.windows(*image.shape[-2:])
         if group.images and len(group.windows) + len(boxes) > batch_size:
             yield group
@@ -243,6 +280,12 @@ def iter_view_groups(images: Sequence[Any], plan: InputPlan, batch_size: int) ->
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def image_label(item: Any, index: int) -> str:
+    """How an error names one input image: its file when it has one, else its position."""
+    path = item if isinstance(item, (str, Path)) else getattr(item, "path", None)
+    return str(path) if isinstance(path, (str, Path)) else f"Image {index}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -517,19 +560,39 @@ def read_model_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise ScoringError(f"Model folder {folder} does not exist.")
-    config = read_json(folder / CONFIG_NAME)
+    config = read_json_object(folder / CONFIG_NAME, "a saved PatchCore / PaDiM")
     if config.get("model_type") != model_type:
         raise ScoringError(f"{folder} holds a {config.get('model_type')!r} model, not {model_type!r}.")
     if config.get("format_version") != FORMAT_VERSION:
         raise ScoringError(f"{folder} has format_version {config.get('format_version')}; this code reads {FORMAT_VERSION}.")
     _require_same_keys(set(config), config_keys, folder / CONFIG_NAME, OPTIONAL_CONFIG_KEYS)
-    weights = folder / WEIGHTS_NAME
+    return config, read_tensors(folder / WEIGHTS_NAME, tensor_keys)
+
+
+def read_tensors(weights: Path, tensor_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file; a damaged file is an ArtifactError naming it."""
     if not weights.is_file():
         raise ScoringError(f"{weights} not found: the model folder is incomplete.")
-    with safe_open(str(weights), framework="pt") as handle:
-        _require_same_keys(set(handle.keys()), tensor_keys, weights)
-        tensors = {key: handle.get_tensor(key) for key in tensor_keys}
-    return config, tensors
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            _require_same_keys(set(handle.keys()), tensor_keys, weights)
+            return {key: handle.get_tensor(key) for key in tensor_keys}
+    except DefectclipError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors for a damaged file
+        raise ArtifactError(f"Cannot read {weights}: {type(err).__name__}: {err}. The file is damaged; save or download it again.") from err
+
+
+def check_base_config(config: Config) -> None:
+    """The entries every scorer's config.json shares (types, ranges, finite numbers)."""
+    config.string("tower")
+    config.strings("layers")
+    check_preprocess(config.sub("preprocess"))
+    config.number("sigma", 0.0, MAX_SIGMA)
+    config.number("seed", 0, None, integer=True)
+    config.number("threshold", optional=True)
+    config.string("calibration", optional=True)
+    config.number("num_train_images", 0, None, integer=True)
 
 
 def _require_same_keys(found: set[str], expected: set[str], path: Path, optional: set[str] = frozenset()) -> None:
@@ -573,6 +636,10 @@ class FeatureScorer(abc.ABC):
     ):
         if batch_size < 1:
             raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
+        try:
+            check_number(sigma, "sigma", 0.0, MAX_SIGMA)
+        except ArtifactError as err:
+            raise ScoringError(f"{err} (0 turns smoothing off; the papers use {DEFAULT_SIGMA:g}).") from None
         self.plan = parse_plan(plan)
         self.device = resolve_device(device)
         self.tower = build_tower(tower).to(self.device).eval()
@@ -608,6 +675,7 @@ class FeatureScorer(abc.ABC):
         statistics are shared by all tiles.
         """
         self._fit_batches(batch.embedding.float() for batch in batches)
+        self._check_state_finite()
         self.num_train_images = int(num_images)
         self.threshold, self.calibration = None, None  # a threshold of the previous model means nothing now
         return self
@@ -615,7 +683,8 @@ class FeatureScorer(abc.ABC):
     @torch.no_grad()
     def embed(self, images: Any) -> Iterator["ViewBatch"]:
         """Patch features of every window the input plan cuts the images into, a few images at a time."""
-        for group in iter_view_groups(as_image_source(images), self.plan, self.batch_size):
+        groups = iter_view_groups(as_image_source(images), self.plan, self.batch_size, self.features.min_size, self.tower.spec)
+        for group in groups:
             embeddings = [
                 self.features(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device))
                 for chunk in chunked(group.windows, self.batch_size)
@@ -637,6 +706,12 @@ class FeatureScorer(abc.ABC):
         results = []
         for batch in batches:
             maps, scores = self._score_views(batch)
+            if not all(math.isfinite(score) for score in scores):
+                # A NaN score compares False with every threshold and would read as "normal".
+                raise ScoringError(
+                    f"{type(self).__name__} produced a NaN or infinite score: the model state or the tower's "
+                    "features are not finite on this image."
+                )
             results.extend(AnomalyResult.from_map(m, s, threshold) for m, s in zip(maps, scores))
         return results
 
@@ -654,6 +729,14 @@ class FeatureScorer(abc.ABC):
             # image's worst window), so "score >= threshold" and "the mask is not empty" agree.
             scores.append(float(maps[-1].max()) if view_scores is None else float(max(view_scores[v] for v in mine)))
         return maps, scores
+
+    def _check_state_finite(self) -> None:
+        for name, tensor in self._state_tensors().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ScoringError(
+                    f"fit produced NaN or infinite values in {name}: the tower's features overflowed on these "
+                    "images. Check the images, or use another tower or precision."
+                )
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -698,23 +781,40 @@ class FeatureScorer(abc.ABC):
 
     @classmethod
     def load(
-        cls, folder: str | Path, device: str | torch.device | None = "auto", tower: VisionTower | None = None
+        cls, folder: str | Path, device: str | torch.device | None = "auto", tower: VisionTower | None = None,
+        root: str | Path | None = None, allow_absolute_tower: bool = True,
     ) -> "FeatureScorer":
-        """Read a saved model; the tower is rebuilt from its spec unless a built one is passed."""
+        """Read a saved model; the tower is rebuilt from its spec unless a built one is passed.
+
+        Every config entry is checked (types, ranges, finite numbers) and every tensor against the
+        config and the tower before anything is used. A `local-dir:` tower must lie inside `root`
+        (default: `folder`); `allow_absolute_tower=False` also refuses absolute paths (downloads).
+        """
         config_keys = BASE_CONFIG_KEYS | cls.method_config_keys
         config, tensors = read_model_folder(folder, cls.model_type, config_keys, cls.state_keys)
-        spec = resolve_saved_spec(config["tower"], folder)
+        schema = Config(config, Path(folder) / CONFIG_NAME)
+        check_base_config(schema)
+        cls._check_method_config(schema)
+        spec = resolve_saved_spec(config["tower"], folder, root, allow_absolute_tower)
         if tower is not None and portable_spec(tower.spec) != spec:
             raise ScoringError(f"The model in {folder} was fitted with tower {spec!r}, not {tower.spec!r}.")
         try:
             built = tower if tower is not None else build_vision_tower(spec)
         except TowerError as err:
             raise ScoringError(f"Cannot rebuild the tower of {folder}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - a damaged bundled tower folder fails in timm or json
+            raise ArtifactError(f"Cannot rebuild the tower {spec!r} of {folder}: {type(err).__name__}: {err}") from err
         preprocess = Preprocess.from_dict(config["preprocess"])
-        scorer = cls._from_config(config, built, preprocess, device)
+        try:
+            scorer = cls._from_config(config, built, preprocess, device)
+        except ScoringError as err:
+            raise ArtifactError(f"{Path(folder) / CONFIG_NAME} does not fit its tower: {err}") from err
         scorer.preprocess = preprocess
         scorer.features = PatchFeatures(scorer.tower, scorer.layers, preprocess, cls.local_average)
-        scorer._set_state(tensors, config)
+        weights = Path(folder) / WEIGHTS_NAME
+        for key, tensor in tensors.items():
+            check_tensor(tensor, key, weights, floating=tensor.is_floating_point() or key != "channels")
+        scorer._set_state(tensors, config, weights)
         scorer.threshold = config["threshold"]
         scorer.calibration = config["calibration"]
         scorer.num_train_images = config["num_train_images"]
@@ -735,8 +835,17 @@ class FeatureScorer(abc.ABC):
         """The tensors saved in model.safetensors."""
 
     @abc.abstractmethod
-    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-        """Restore the state from saved tensors."""
+    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], source: Path) -> None:
+        """Restore the state from saved tensors, checking their shapes against the config and tower."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _check_method_config(cls, config: Config) -> None:
+        """Types and ranges of the method's own config.json entries."""
+
+    def tower_feature_dim(self) -> int:
+        """Channels of one patch feature: the chosen stages' channels, concatenated."""
+        return sum(self.tower.stages[name].channels for name in self.layers)
 
     @abc.abstractmethod
     def _method_config(self) -> dict[str, Any]:
@@ -758,4 +867,4 @@ OPTIONAL_CONFIG_KEYS = {"plan"}  # absent = the resize plan, the only one there 
 
 def load_config(folder: str | Path) -> dict[str, Any]:
     """The config.json of a saved scorer (to find out which class loads it)."""
-    return json.loads((Path(folder) / CONFIG_NAME).read_text())
+    return read_json_object(Path(folder) / CONFIG_NAME, "a saved PatchCore / PaDiM")

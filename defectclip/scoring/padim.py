@@ -11,12 +11,15 @@ PatchCore's position-free memory bank suits textures and unaligned parts.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..data import Preprocess
 from ..towers import OFFLINE_VISION, VisionTower
+from ..errors import ArtifactError
+from ..schema import Config, check_tensor
 from .common import DEFAULT_SIGMA, FeatureScorer, ScoringError
 from .plan import InputPlan
 
@@ -157,17 +160,47 @@ class PaDiM(FeatureScorer):
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean, "precision": self.precision, "channels": self.channels}
 
-    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], source: Path) -> None:
+        config_path = source.parent / "config.json"
+        if config["feature_dim"] != self.tower_feature_dim():
+            raise ArtifactError(
+                f"{config_path}: feature_dim {config['feature_dim']} does not match the {self.tower_feature_dim()} "
+                f"channels of layers {self.layers} of {self.tower.spec}."
+            )
+        if config["d"] > config["feature_dim"]:
+            raise ArtifactError(f"{config_path}: d {config['d']} exceeds feature_dim {config['feature_dim']}.")
         positions, d = config["grid"][0] * config["grid"][1], config["d"]
-        expected = {"mean": (positions, d), "precision": (positions, d, d), "channels": (d,)}
-        for key, shape in expected.items():
-            if tuple(tensors[key].shape) != shape:
-                raise ScoringError(f"{key} has shape {tuple(tensors[key].shape)}, config.json implies {shape}.")
-        self.mean = tensors["mean"].float().to(self.device).contiguous()
-        self.precision = tensors["precision"].float().to(self.device).contiguous()
-        self.channels = tensors["channels"].long().to(self.device)
+        mean = check_tensor(tensors["mean"], "mean", source, (positions, d))
+        precision = check_tensor(tensors["precision"], "precision", source, (positions, d, d))
+        channels = check_tensor(tensors["channels"], "channels", source, (d,), floating=False)
+        if channels.is_floating_point() or channels.dtype == torch.bool:
+            raise ArtifactError(f"{source}: tensor 'channels' must hold integer channel indices, got {channels.dtype}.")
+        channels = channels.long()
+        if int(channels.min()) < 0 or int(channels.max()) >= config["feature_dim"] or channels.unique().numel() != d:
+            raise ArtifactError(f"{source}: 'channels' must be {d} distinct indices below feature_dim {config['feature_dim']}.")
+        self.mean = mean.float().to(self.device).contiguous()
+        self.precision = precision.float().to(self.device).contiguous()
+        self.channels = channels.to(self.device)
         self.feature_dim = config["feature_dim"]
         self.grid = tuple(config["grid"])
+        grid = self.fitted_grid()
+        if grid != self.grid:
+            raise ArtifactError(f"{config_path}: grid {list(self.grid)} differs from the {list(grid)} patches "
+                                f"that {self.tower.spec} gives at size {list(self.preprocess.size)}.")
+
+    def fitted_grid(self) -> tuple[int, int]:
+        """The patch grid the tower gives at the model size (one forward pass on a blank image)."""
+        with torch.no_grad():
+            blank = torch.zeros(1, 3, *self.preprocess.size, device=self.device)
+            height, width = self.features.embed(blank).shape[-2:]
+        return int(height), int(width)
+
+    @classmethod
+    def _check_method_config(cls, config: Config) -> None:
+        config.number("d", 1, None, integer=True)
+        config.number("epsilon", 0.0, None, low_open=True)
+        config.number("feature_dim", 1, None, integer=True)
+        config.numbers("grid", 2, 1, None, integer=True)
 
     def _method_config(self) -> dict[str, Any]:
         return {"d": self.d, "epsilon": self.epsilon, "feature_dim": self.feature_dim, "grid": list(self.grid)}

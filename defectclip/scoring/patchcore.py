@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..data import Preprocess
 from ..towers import OFFLINE_VISION, VisionTower
+from ..errors import ArtifactError
+from ..schema import Config, check_tensor
 from .common import DEFAULT_SIGMA, FeatureScorer, ScoringError
 from .plan import InputPlan
 
@@ -268,13 +271,25 @@ class PatchCore(FeatureScorer):
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         return {"memory_bank": self.memory_bank}
 
-    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-        bank = tensors["memory_bank"]
-        expected = (config["bank_size"], config["feature_dim"])
-        if tuple(bank.shape) != expected:
-            raise ScoringError(f"memory_bank has shape {tuple(bank.shape)}, config.json says {expected}.")
+    def _set_state(self, tensors: dict[str, torch.Tensor], config: dict[str, Any], source: Path) -> None:
+        if config["feature_dim"] != self.tower_feature_dim():
+            raise ArtifactError(
+                f"{source.parent / 'config.json'}: feature_dim {config['feature_dim']} does not match the "
+                f"{self.tower_feature_dim()} channels of layers {self.layers} of {self.tower.spec}."
+            )
+        bank = check_tensor(tensors["memory_bank"], "memory_bank", source, (config["bank_size"], config["feature_dim"]))
         self.memory_bank = bank.float().to(self.device).contiguous()
         self.coreset_radius = config["coreset_radius"]
+
+    @classmethod
+    def _check_method_config(cls, config: Config) -> None:
+        config.number("coreset_ratio", 0.0, 1.0, low_open=True)
+        config.number("projection_dim", 0, None, integer=True)
+        config.boolean("reweight")
+        config.number("num_neighbors", 1, None, integer=True)
+        config.number("bank_size", 1, None, integer=True)
+        config.number("feature_dim", 1, None, integer=True)
+        config.number("coreset_radius", 0.0, None, optional=True)
 
     def _method_config(self) -> dict[str, Any]:
         return {

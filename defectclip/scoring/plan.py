@@ -24,11 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..data.images import MAX_IMAGE_PIXELS  # the image readers' limit: 40 MP, ~660 tiles of 256 px
 from .errors import ScoringError
 
-# 40 megapixels (e.g. 7,750 x 5,160), the image readers' limit too: a 160 MB float32 map, ~660 tiles of
-# 256 px at 32 px overlap.
-MAX_IMAGE_PIXELS = 40_000_000
 MODES = ("resize", "tiles")
 
 
