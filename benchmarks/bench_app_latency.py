@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    pipeline = InspectionPipeline.from_folder(args.models).to(device)
+    pipeline = InspectionPipeline.from_pretrained(args.models).to(device)
     model = pipeline.model_names[0]
     paths = test_images(args.size, max(args.clients, 10))
     shown_models = args.models.resolve()

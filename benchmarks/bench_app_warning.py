@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipeline = InspectionPipeline.from_folder(args.models)
+    pipeline = InspectionPipeline.from_pretrained(args.models)
     model = pipeline.model_names[0]
     results = {"model": model, "rule": "warn when >= 50% of the image scores above the model's threshold",
                "subset": args.limit is not None, "sets": {}}

@@ -53,7 +53,7 @@ def build_models(folder: Path):
                                   few_shot_tower="tiny:cnn", few_shot_image_size=64)
     padim = PaDiM(scorer.tower, image_size=64, device="cpu").fit([textured_image(rng, (64, 64)) for _ in range(3)])
     scorer.tower.save_pretrained(folder / "tower")
-    return scorer, pipeline, scorer.save(folder / "patchcore"), padim.save(folder / "padim"), folder / "tower"
+    return scorer, pipeline, scorer.save_pretrained(folder / "patchcore"), padim.save_pretrained(folder / "padim"), folder / "tower"
 
 
 def file_cases(folder: Path, scorer, pipeline):
@@ -96,14 +96,14 @@ def dataset_cases(folder: Path):
 
 def artifact_cases(folder: Path, patchcore_dir: Path, padim_dir: Path, tower_dir: Path):
     from defectclip.pipeline import InspectionPipeline
-    from defectclip.scoring import load_scorer
+    from defectclip.scoring import FeatureScorer
 
     marker, image = folder / "EXECUTED", torch.rand(3, 64, 64)
     for item in corpus.hostile_artifacts(folder / "scorers", patchcore_dir, padim_dir, marker):
-        yield "artifacts", run_case(item, "load_scorer + predict", lambda f: load_scorer(f).predict([image])[0])
+        yield "artifacts", run_case(item, "load_scorer + predict", lambda f: FeatureScorer.from_pretrained(f).predict([image])[0])
 
     def pipeline_score(root):
-        pipeline = InspectionPipeline.from_folder(root)
+        pipeline = InspectionPipeline.from_pretrained(root)
         return pipeline.score(corpus.noise(), pipeline.model_names[0])
 
     for item in corpus.pipeline_roots(folder / "roots", patchcore_dir, tower_dir, marker):

@@ -107,7 +107,7 @@ def run_setting(args: argparse.Namespace, setting: str, test: TestSet) -> dict:
     started = time.perf_counter()
     train_metrics = train_clip_ada.main(train_argv(args, setting, output_dir))
     train_seconds = time.perf_counter() - started
-    model = ClipADA.load(output_dir / train_clip_ada.ARTIFACT_DIR)
+    model = ClipADA.from_pretrained(output_dir / train_clip_ada.ARTIFACT_DIR)
     row = {
         "setting": setting,
         "refine_steps": model.refine_steps,

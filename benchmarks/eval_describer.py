@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from defectclip.alphaclip import AlphaDescriber, iter_region_records, read_dataset_candidates
+from defectclip.alphaclip import AlphaDescriber
+from defectclip.region_dataset import iter_region_records, read_dataset_candidates
 
 VARIANTS = ("tuned", "untuned", "probe")
 

@@ -29,12 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .data.images import array_to_tensor
+from .data.images import image_to_tensor
 from .data.transforms import Preprocess, build_transform
+from .artifacts import Artifact
 from .errors import ArtifactError
-from .io import atomic_dir, read_json_object, read_safetensors, write_json_atomic
+from .io import read_json_object, read_safetensors, unknown_keys, write_json_atomic
 from .results import AnomalyResult
-from .towers import TextTower, Tokens, TowerError, VisionTower, build_text_tower, build_vision_tower, require_hub
+from .towers import TextTower, Tokens, TowerError, VisionTower, build_text_tower, build_vision_tower
 
 MODEL_TYPE = "clip_ada"
 FORMAT_VERSION = 1
@@ -100,8 +101,7 @@ class ClipADAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClipADAConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown, known = unknown_keys(cls, data)
         if unknown:
             raise ValueError(f"Unknown CLIP-ADA config keys {unknown}; known keys: {sorted(known)}")
         return cls(**data)
@@ -254,22 +254,11 @@ def top_k_mean(anomaly_map: np.ndarray | torch.Tensor, k: int) -> float:
     return float(torch.topk(values, min(k, values.numel())).values.mean())
 
 
-def to_image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A 3 x H x W float tensor in [0, 1] (as `load_image` gives) or an H x W x 3 uint8 array -> the former."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ValueError(f"numpy images must be H x W x 3 uint8, got {image.dtype}")
-        return array_to_tensor(image)
-    if not torch.is_floating_point(image) or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(
-            f"tensor images must be 3 x H x W floats in [0, 1] (as load_image returns), got {image.dtype} "
-            f"{tuple(image.shape)}"
-        )
-    return image.float()
+class ClipADA(Artifact, nn.Module):
+    """CLIP-ADA on frozen towers; see the module docstring. Build with `ClipADA(config)` or `ClipADA.from_pretrained`."""
 
-
-class ClipADA(nn.Module):
-    """CLIP-ADA on frozen towers; see the module docstring. Build with `ClipADA(config)` or `ClipADA.load`."""
+    hub_files = (CONFIG_NAME, WEIGHTS_NAME)
+    card_kind = "clip_ada"
 
     def __init__(self, config: ClipADAConfig, vision: VisionTower | None = None, text: TextTower | None = None):
         super().__init__()
@@ -363,7 +352,7 @@ class ClipADA(nn.Module):
         device = self.log_scale.device
         maps = []
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([self.transform(to_image_tensor(im)) for im in images[start : start + batch_size]])
+            batch = torch.stack([self.transform(image_to_tensor(im)) for im in images[start : start + batch_size]])
             maps.extend(torch.sigmoid(self(batch.to(device))[-1]).float().cpu())
         return maps
 
@@ -415,26 +404,21 @@ class ClipADA(nn.Module):
         # state_dict() holds exactly the trainable tensors: the towers drop themselves, buffers are transient.
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
-    def save(self, folder: str | Path) -> Path:
-        """Write config.json + model.safetensors into `folder`, replacing it in one rename."""
+    def _write_artifact(self, folder: Path, **options) -> None:
         from safetensors.torch import save_file
 
-        with atomic_dir(folder) as staging:
-            write_json_atomic(staging / CONFIG_NAME, self.config_dict())
-            save_file(self.trainable_state_dict(), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        return Path(folder)
+        write_json_atomic(folder / CONFIG_NAME, self.config_dict())
+        save_file(self.trainable_state_dict(), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu",
-             vision: VisionTower | None = None, text: TextTower | None = None,
-             root: str | Path | None = None, allow_absolute_tower: bool = True) -> "ClipADA":
-        """Load a saved model from a folder or `hf-hub:<repo>`; strict about missing or unexpected keys.
-
-        `vision` / `text` reuse towers already built from the same specs (the app and tests save rebuilds).
-        The config is checked (types, ranges, finite numbers) before anything is built; a `local-dir:`
-        tower must lie inside `root` (default: the folder), see `defectclip.schema.confine_local_dir`.
+    def _read_artifact(cls, folder: Path, device: str | torch.device = "cpu",
+                       vision: VisionTower | None = None, text: TextTower | None = None,
+                       root: str | Path | None = None, allow_absolute_tower: bool = True) -> "ClipADA":
+        """Strict about missing or unexpected keys. `vision` / `text` reuse towers already built from the same
+        specs (the app and tests save rebuilds). The config is checked (types, ranges, finite numbers) before
+        anything is built; a `local-dir:` tower must lie inside `root` (default: the folder), see
+        `defectclip.schema.confine_local_dir`.
         """
-        folder = resolve_folder(folder)
         saved = read_json_object(folder / CONFIG_NAME, "a CLIP-ADA")
         if saved.get("model_type") != MODEL_TYPE:
             raise ArtifactError(f"{folder} holds a {saved.get('model_type')!r} model, not {MODEL_TYPE!r}.")
@@ -516,18 +500,3 @@ def clip_ada_loss(logits: Sequence[torch.Tensor], masks: torch.Tensor, refine_we
     targets = masks.float()
     losses = [F.binary_cross_entropy_with_logits(upsample(step.float(), targets.shape[-2:]), targets) for step in logits]
     return losses[0] + refine_weight * sum(losses[1:], torch.zeros((), device=targets.device))
-
-
-def resolve_folder(folder: str | Path) -> Path:
-    """A local folder as is; `hf-hub:<repo>` downloaded (or taken from the cache) first."""
-    name = str(folder)
-    if name.startswith("hf-hub:"):
-        repo = name.removeprefix("hf-hub:")
-        require_hub(name, "a local artifact folder")
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo))
-    path = Path(folder)
-    if not path.is_dir():
-        raise FileNotFoundError(f"CLIP-ADA artifact folder {path} does not exist.")
-    return path

@@ -101,3 +101,12 @@ def read_safetensors(path: str | Path) -> dict:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ArtifactError(f"{path}: tensor {name!r} holds NaN or infinite values; the artifact is damaged.")
     return tensors
+
+
+def unknown_keys(cls, data: dict) -> tuple[list[str], set[str]]:
+    """The keys of `data` that the dataclass `cls` has no field for (sorted), and its field names: every saved
+    config refuses keys it does not know rather than silently dropping what a newer version wrote."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    return sorted(set(data) - known), known

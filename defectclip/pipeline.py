@@ -11,7 +11,8 @@ A pipeline is loaded from one folder laid out as
 <root>/describer/           AlphaDescriber folder (optional)
 <root>/clip_ada/            CLIP-ADA folder (optional)
 ```
-which is what `scripts/build_embedded_default.py` writes and what the Hub repos hold.
+which is what `InspectionPipeline.save_pretrained` and `scripts/build_embedded_default.py` write and what the
+Hub repos hold; `InspectionPipeline.from_pretrained(<folder> | "org/repo")` reads it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .artifacts import Artifact
 from .errors import DefectclipError
-from .io import read_json
+from .io import read_json, write_json_atomic
 from .regions_ui import predicted_regions, region_from_click
 from .results import AnomalyResult
 
@@ -105,12 +107,13 @@ def load_scorers(
     picking CUDA while loading would touch the GPU before a ZeroGPU Space has imported `spaces`.
     `root` is the artifact a scorer's `local-dir:` tower must stay inside (default: its own folder).
     """
-    from .scoring import load_config, load_scorer
+    from .scoring import FeatureScorer, load_config
 
     models = {}
     for model_dir in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
         config = load_config(model_dir)
-        scorer = load_scorer(model_dir, device=device, root=root, allow_absolute_tower=allow_absolute_tower)
+        scorer = FeatureScorer.from_pretrained(model_dir, device=device, root=root,
+                                               allow_absolute_tower=allow_absolute_tower)
         object_name = _object_of(model_dir)
         name = plain_model_name(object_name, config["model_type"], backbone_label(config.get("tower", ""), model_dir))
         if name in models:  # two folders that differ only in details the plain name leaves out
@@ -119,8 +122,10 @@ def load_scorers(
     return models
 
 
-class InspectionPipeline:
+class InspectionPipeline(Artifact):
     """Scoring, few-shot fitting and region description for the app (thread-safe for inference)."""
+
+    card_kind = "pipeline"
 
     def __init__(self, models: dict[str, InspectionModel], describer=None, clip_ada=None,
                  few_shot_tower: str = "offline:efficientnet_lite0", few_shot_image_size: int = 256,
@@ -143,16 +148,13 @@ class InspectionPipeline:
     # -- construction ----------------------------------------------------------------------------
 
     @classmethod
-    def from_folder(cls, root: str | Path, allow_absolute_towers: bool = False, **kwargs) -> "InspectionPipeline":
+    def _read_artifact(cls, root: Path, allow_absolute_towers: bool = False, **kwargs) -> "InspectionPipeline":
         """Load the models folder; every `local-dir:` tower must lie inside it.
 
         A models folder is a shared artifact (a Hub repo, the embedded default), so by default its
         towers may only be named relative to it; `allow_absolute_towers=True` accepts absolute paths
         for a folder assembled on this machine.
         """
-        root = Path(root)
-        if not root.is_dir():
-            raise PipelineError(f"Model folder {root} does not exist.")
         options = {"root": root, "allow_absolute_tower": allow_absolute_towers}
         models = load_scorers(root / "scorers", **options) if (root / "scorers").is_dir() else {}
         describer = _load_describer(root / "describer", **options)
@@ -160,6 +162,34 @@ class InspectionPipeline:
         if not models and clip_ada is None:
             raise PipelineError(f"{root} holds no scorer (scorers/<name>/) and no CLIP-ADA head (clip_ada/).")
         return cls(models, describer, clip_ada, **kwargs)
+
+    def _write_artifact(self, root: Path, **options) -> None:
+        """scorers/<folder>/ (+ inspection.json naming the object), describer/, clip_ada/: what `_read_artifact`
+        reads. Towers are named by their specs; `defectclip.sharing.export_pipeline` bundles local ones."""
+        for folder_name, model in self.scorer_folders().items():
+            target = root / "scorers" / folder_name
+            target.mkdir(parents=True)
+            model.scorer._write_artifact(target)
+            write_json_atomic(target / "inspection.json", {"object": model.object})
+        if self.describer is not None:
+            (root / "describer").mkdir()
+            self.describer._write_artifact(root / "describer", merged=bool(self.describer.config.get("merged")))
+        if self.clip_ada is not None:
+            (root / "clip_ada").mkdir()
+            self.clip_ada._write_artifact(root / "clip_ada")
+
+    def scorer_folders(self) -> dict[str, InspectionModel]:
+        """The PatchCore/PaDiM models by folder name: the object's name, with the method when it repeats."""
+        scorers = [m for m in self.models.values() if m.kind != "clip_ada"]
+        counts: dict[str, int] = {}
+        for model in scorers:
+            counts[model.object] = counts.get(model.object, 0) + 1
+        named = {}
+        for index, model in enumerate(scorers):
+            base = (model.object or "model").replace(" ", "_")
+            name = base if counts[model.object] == 1 else f"{base}-{model.kind}-{index}"
+            named[name] = model
+        return named
 
     # -- device placement ---------------------------------------------------------------------------
 
@@ -309,7 +339,7 @@ def _load_clip_ada(folder: Path, **options):
         return None
     from .clip_ada import ClipADA
 
-    return ClipADA.load(folder, **options)
+    return ClipADA.from_pretrained(folder, **options)
 
 
 def _move_model(model: Any, device) -> None:

@@ -18,7 +18,7 @@ columns are [normal class vectors of the K objects; abnormal class vectors of th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,11 +30,12 @@ import torch.nn.functional as F
 
 from .data import load_image_array, normalize
 from .data.transforms import Preprocess
+from .artifacts import Artifact
 from .errors import DefectclipError
-from .io import atomic_dir, read_json, write_json_atomic
+from .io import read_json, unknown_keys, write_json_atomic
 from .prompts import PromptSettings
 from .synth import SYNTHESES as SYNTHESIS_METHODS, synthesize
-from .towers import VisionTower, build_vision_tower, require_hub
+from .towers import VisionTower, build_vision_tower
 
 CONFIG_NAME = "tab_config.json"
 HEAD_WEIGHTS = "projection.safetensors"
@@ -83,8 +84,7 @@ class TABConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TABConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown, _ = unknown_keys(cls, data)
         if unknown:
             raise TABError(f"{CONFIG_NAME} has unknown keys {unknown}: written by a newer defectclip?")
         try:
@@ -106,7 +106,7 @@ def build_head(kind: str, in_features: int, out_features: int) -> nn.Module:
     raise TABError(f"Unknown head {kind!r}; use one of {HEADS}.")
 
 
-class TABBackbone(nn.Module):
+class TABBackbone(Artifact, nn.Module):
     """Vision trunk + projection head to the text dimension + learnable logit scale.
 
     `forward(images)` -> unit-length embeddings (N, text_dim);
@@ -114,6 +114,9 @@ class TABBackbone(nn.Module):
     Returning the logits from `forward` keeps the logit scale inside the forward pass, which
     DistributedDataParallel needs to reduce its gradient like any other parameter's.
     """
+
+    hub_files = ("config.json", "model.safetensors", HEAD_WEIGHTS, CONFIG_NAME)
+    card_kind = "tab"
 
     def __init__(self, trunk: VisionTower, config: TABConfig):
         super().__init__()
@@ -167,32 +170,19 @@ class TABBackbone(nn.Module):
         except RuntimeError as err:  # same keys, other shapes: e.g. another text dimension
             raise TABError(f"{source} does not fit this model: {err}") from err
 
-    def write_files(self, folder: str | Path, step: int | None = None) -> Path:
-        """Write the artifact's files into an existing folder (non-atomic; see save_pretrained)."""
+    def _write_artifact(self, folder: Path, step: int | None = None) -> None:
         from safetensors.torch import save_file
 
-        folder = Path(folder)
         if step is not None:
             self.config.step = int(step)
         self.trunk.save_pretrained(folder)
         save_file(self.head_state_dict(), str(folder / HEAD_WEIGHTS))
         write_json_atomic(folder / CONFIG_NAME, self.config.to_dict())
-        return folder
-
-    def save_pretrained(self, folder: str | Path, step: int | None = None) -> Path:
-        """Save atomically: a crash mid-save leaves the previous artifact at `folder` untouched."""
-        with atomic_dir(folder) as staging:
-            self.write_files(staging, step)
-        return Path(folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "TABBackbone":
-        """Load a folder written by save_pretrained, or a Hub repo holding one (`<org>/<name>` or
-        `hf-hub:<org>/<name>`, downloaded into the Hugging Face cache); any missing or unexpected weight
-        is an error."""
+    def _read_artifact(cls, folder: Path) -> "TABBackbone":
         from safetensors.torch import load_file
 
-        folder = local_artifact_folder(folder)
         config = TABConfig.from_dict(read_json(folder / CONFIG_NAME))
         head_path = folder / HEAD_WEIGHTS
         if not head_path.is_file():
@@ -200,42 +190,6 @@ class TABBackbone(nn.Module):
         model = cls(build_vision_tower(f"local-dir:{folder}"), config)
         model.load_head_state_dict(load_file(str(head_path)), str(head_path))
         return model.eval()
-
-
-# The files TABBackbone.from_pretrained reads: a Hub download fetches these and nothing else (a pushed
-# training folder may also hold metrics or a README the model does not need).
-ARTIFACT_FILES = ("config.json", "model.safetensors", HEAD_WEIGHTS, CONFIG_NAME)
-HUB_PREFIX = "hf-hub:"
-
-
-def local_artifact_folder(name: str | Path) -> Path:
-    """An existing local folder as it is; otherwise `name` as a Hub repo id, downloaded (or found in the cache).
-
-    A local folder wins over a repo of the same name, so a path like `outputs/tab` never reaches the network.
-    """
-    text = str(name)
-    if not text.startswith(HUB_PREFIX) and Path(text).expanduser().is_dir():
-        return Path(text).expanduser()
-    repo_id = text.removeprefix(HUB_PREFIX)
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise TABError(f"{text} is neither a TAB artifact folder nor a Hub repo id.") from None
-    return _download_artifact(repo_id, text)
-
-
-def _download_artifact(repo_id: str, name: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    require_hub(f"{HUB_PREFIX}{repo_id}", "a local TAB artifact folder")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(ARTIFACT_FILES)))
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
-        raise TABError(f"{name} is not a local folder, and {repo_id} cannot be fetched from the Hub: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------------

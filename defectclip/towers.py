@@ -423,6 +423,14 @@ def wrap_open_clip_visual(clip_model: nn.Module, spec: str) -> VisionTower:
     )
 
 
+def existing_folder(name: str, role: str) -> Path:
+    """The folder of a `local-dir:` spec, which must exist."""
+    folder = Path(name)
+    if not folder.is_dir():
+        raise TowerError(f"{role} tower folder {folder} does not exist.")
+    return folder
+
+
 def _is_open_clip_folder(folder: Path) -> bool:
     return (folder / "open_clip_config.json").is_file()
 
@@ -443,10 +451,7 @@ def build_vision_tower(spec: str) -> VisionTower:
     if kind == "open_clip":
         return wrap_open_clip_visual(load_open_clip(name, spec), spec)
     if kind == "local-dir":
-        folder = Path(name)
-        if not folder.is_dir():
-            raise TowerError(f"Vision tower folder {folder} does not exist.")
-        if _is_open_clip_folder(folder):
+        if _is_open_clip_folder(existing_folder(name, "Vision")):
             return wrap_open_clip_visual(load_open_clip(spec, spec), spec)
         return build_timm(spec, spec)
     if kind == "hf-hub":
@@ -593,9 +598,7 @@ def build_text_tower(spec: str) -> TextTower:
     if spec == "tiny:clip" or kind == "open_clip":
         return OpenClipTextTower(load_open_clip(name, spec), spec)
     if kind == "local-dir":
-        folder = Path(name)
-        if not folder.is_dir():
-            raise TowerError(f"Text tower folder {folder} does not exist.")
+        folder = existing_folder(name, "Text")
         if _is_open_clip_folder(folder):
             return OpenClipTextTower(load_open_clip(spec, spec), spec)
         return build_bert_text(folder, spec)

@@ -51,4 +51,4 @@ def models_folder() -> Path:
 def load_pipeline() -> InspectionPipeline:
     folder = models_folder()
     print(f"defectclip: loading models from {folder}")
-    return InspectionPipeline.from_folder(folder)
+    return InspectionPipeline.from_pretrained(folder)

@@ -1,8 +1,5 @@
-"""Export and push: model folders, caption datasets, cards and the Space folder, to and from the Hub.
+"""Command-line export and push: `python -m hub --help` lists the entry points.
 
-`python -m hub --help` lists the command-line entry points.
+The export, card and push code itself is library code (`defectclip.sharing`), so the objects' own
+`push_to_hub` and these commands write the same folders and cards.
 """
-
-from hub.push import PushResult, RetryPolicy, push_folder, resolve_repo_id
-
-__all__ = ["PushResult", "RetryPolicy", "push_folder", "resolve_repo_id"]

@@ -13,7 +13,8 @@ import sys
 
 from pathlib import Path
 
-from hub.push import DEFAULT_ORG, ORG_ENV_VAR, RetryPolicy, add_token_argument, push_folder
+from defectclip.sharing.push import DEFAULT_ORG, ORG_ENV_VAR, RetryPolicy, push_folder
+from hub.tokens import add_token_argument
 
 PUSH_COMMANDS = {"push-model": "model", "push-dataset": "dataset", "push-space": "space"}
 EXPORT_COMMANDS = {
@@ -34,6 +35,9 @@ def _add_push_command(subparsers, command: str, repo_type: str) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
     add_token_argument(parser)
     parser.add_argument("--message", default=None, help="commit title (default: a generated one)")
+    parser.add_argument("--keep-remote-files", action="store_true",
+                        help="keep files on the Hub that the folder does not have (default: the commit deletes them, "
+                             "so the repo holds exactly the new version)")
     parser.add_argument("--attempts", type=int, default=RetryPolicy.attempts,
                         help="tries in all when the network or the Hub fails (default %(default)s)")
     parser.add_argument("--retry-delay", type=float, default=RetryPolicy.base_delay,
@@ -45,7 +49,7 @@ def _add_push_command(subparsers, command: str, repo_type: str) -> None:
 
 
 def _add_card_options(parser: argparse.ArgumentParser) -> None:
-    from hub.datasets import KNOWN_SOURCES
+    from defectclip.region_dataset import KNOWN_SOURCES
 
     card = parser.add_argument_group("model card")
     card.add_argument("--repo-id", default=None,
@@ -124,6 +128,7 @@ def _run_push(args: argparse.Namespace) -> int:
         private=True if args.private else None,
         token=args.token,
         commit_message=args.message,
+        delete_stale=not args.keep_remote_files,
         retry=RetryPolicy(attempts=max(args.attempts, 1), base_delay=args.retry_delay),
     )
     if args.repo_type == "space":  # a Space is created with its hardware requested
@@ -136,7 +141,7 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _card_info(args: argparse.Namespace, default_name: str):
-    from hub.cards import ALPHACLIP_WEIGHTS, BenchmarkRef, CardInfo
+    from defectclip.sharing.cards import ALPHACLIP_WEIGHTS, BenchmarkRef, CardInfo
 
     benchmarks = ()
     if args.benchmark is not None:
@@ -157,7 +162,7 @@ def _card_info(args: argparse.Namespace, default_name: str):
 
 def _parse_metric(text: str):
     """`TYPE=PATH` or `TYPE:NAME=PATH`; split at the first '=' because a path's [key=value] holds one too."""
-    from hub.cards import MetricRef
+    from defectclip.sharing.cards import MetricRef
 
     label, sep, path = text.partition("=")
     metric_type, _, name = label.partition(":")
@@ -167,10 +172,10 @@ def _parse_metric(text: str):
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import hub.export
+    import defectclip.sharing.export as exports
 
     card = _card_info(args, args.out.name)
-    function = getattr(hub.export, args.export_function)
+    function = getattr(exports, args.export_function)
     kwargs = {"object_name": args.object} if args.export_function == "export_scorer" else {}
     out = function(args.source, args.out, card, **kwargs)
     print(f"Exported {args.source} to {out} (card for {card.full_repo_id}); push it with "
@@ -179,7 +184,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_export_pipeline(args: argparse.Namespace) -> int:
-    from hub.export import export_pipeline
+    from defectclip.sharing.export import export_pipeline
 
     scorers = {}
     for text in args.scorer:

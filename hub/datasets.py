@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -42,9 +40,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from defectclip.captions import candidate_captions, caption
+from defectclip.captions import candidate_captions
 from defectclip.data import GOOD, DataError, IndexMaskDataset, SampleRef, load_image_array, open_dataset
 from defectclip.data.regions import (
     DEFAULT_EPS,
@@ -52,60 +49,28 @@ from defectclip.data.regions import (
     DEFAULT_MIN_AREA,
     DEFAULT_MIN_SAMPLES,
     SampleRegions,
-    bounding_box,
     split_sample_regions,
 )
 from defectclip.data.transplant import transplant_region
-
-SPLITS = ("train", "validation", "test")
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md.j2"
-CANDIDATES_FILE = "candidates.json"
-STATS_FILE = "stats.json"
-PARQUET_SHARD_BYTES = 400 * 1024 * 1024  # the Hub's dataset viewer prefers shards below ~500 MB
-TRANSPLANT_PREFIX = "transplant:"
-TRANSPLANT_CANVASES = 5  # normal images tried per transplanted defect before giving up
-
-
-# ------------------------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """Where the underlying images come from, as the card states it."""
-
-    name: str
-    citation: str
-    license: str  # the licence text shown in the card
-    license_id: str = "other"  # the Hub's licence identifier for the card metadata
-    url: str = ""
-
-
-# From ../shared/data/README.md; other sources pass their own with --source-name / --license / --citation.
-KNOWN_SOURCES = {
-    "magnetic_tile": SourceInfo(
-        name="Magnetic Tile Defect dataset",
-        citation='Y. Huang, C. Qiu, K. Yuan, "Surface defect saliency of magnetic tile", The Visual Computer, 2020.',
-        license="Research use; please cite (public GitHub release by its authors).",
-    ),
-    "neu_seg": SourceInfo(
-        name="NEU-Seg (hot-rolled steel strip surface defects)",
-        citation='H. Dong et al., "PGA-Net: Pyramid Feature Fusion and Global Context Attention Network for '
-        'Automated Surface Defect Detection", IEEE Transactions on Industrial Informatics, 2020.',
-        license="Research use; please cite.",
-    ),
-}
-UNKNOWN_SOURCE = SourceInfo(
-    name="(not stated)", citation="(not stated)",
-    license="Not stated: check the terms of the underlying images before sharing this dataset.",
+from defectclip.region_dataset import (
+    CANDIDATES_FILE,
+    SPLITS,
+    STATS_FILE,
+    SourceInfo,
+    label_decoders,
+    png_bytes,
+    record_features,
+    region_record,
+    source_info,
 )
 
-
-def source_info(source: Path, name: str | None = None, license: str | None = None,
-                citation: str | None = None, url: str | None = None) -> SourceInfo:
-    """The known entry for the source folder's name, with any of its fields overridden."""
-    base = KNOWN_SOURCES.get(source.resolve().name, UNKNOWN_SOURCE)
-    overrides = {k: v for k, v in {"name": name, "license": license, "citation": citation, "url": url}.items() if v}
-    return dataclasses.replace(base, **overrides)
+CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md.j2"
+PARQUET_SHARD_BYTES = 400 * 1024 * 1024  # the Hub's dataset viewer prefers shards below ~500 MB
+TRANSPLANT_PREFIX = "transplant:"
+LICENSE_FILE = "LICENSE.md"  # the card's license_link points here
+DATASET_DICT_FILE = "dataset_dict.json"
+EXTRA_FILES = ("README.md", CANDIDATES_FILE, STATS_FILE, LICENSE_FILE)  # pushed beside the Parquet shards
+TRANSPLANT_CANVASES = 5  # normal images tried per transplanted defect before giving up
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -287,22 +252,6 @@ def _dataset(root: str, split: str):
     return open_dataset(root, split)
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """PNG-encode a bool mask (as 0/255 8-bit gray), a gray image or an RGB image (gray if its channels agree)."""
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    elif array.ndim == 3 and (array == array[..., :1]).all():
-        array = array[..., 0]
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def region_record(defect: str, object_name: str, region: np.ndarray) -> dict:
-    return {"mask": {"bytes": png_bytes(region), "path": None}, "defect": defect,
-            "caption": caption(defect, object_name), "bbox": bounding_box(region)}
-
-
 class ShardStats:
     """What the records themselves cannot tell: dropped regions, skipped images, subsampled masks."""
 
@@ -410,15 +359,6 @@ def generate_records(jobs: list[Job], root: str, params: dict, include_normal: b
         torch.set_num_threads(threads)
 
 
-def record_features():
-    from datasets import Features, Image as ImageFeature, List, Value
-
-    region = {"mask": ImageFeature(), "defect": Value("string"), "caption": Value("string"),
-              "bbox": List(Value("int32"), length=4)}
-    return Features({"image": ImageFeature(), "object": Value("string"), "regions": List(region),
-                     "source": Value("string"), "dropped_regions": Value("int32")})
-
-
 # ------------------------------------------------------------------------------------------- statistics
 
 
@@ -446,10 +386,12 @@ def split_statistics(dataset) -> dict:
     import pyarrow.compute as pc
 
     table = dataset.data
-    objects = table.column("object").to_pylist()
+    object_name, defect_name = label_decoders(dataset)
+    objects = [object_name(i) for i in table.column("object").to_pylist()]
     per_image = pc.list_value_length(table.column("regions")).to_pylist()
     # Chunk by chunk: flattening is zero-copy there, while combining chunks would copy every mask's bytes.
-    defects = [d for chunk in table.column("regions").chunks for d in chunk.flatten().field("defect").to_pylist()]
+    defects = [defect_name(d) for chunk in table.column("regions").chunks
+               for d in chunk.flatten().field("defect").to_pylist()]
     region_objects = [obj for obj, n in zip(objects, per_image) for _ in range(n)]
     return {
         "images": len(objects),
@@ -487,7 +429,7 @@ def card_tables(stats: dict) -> dict:
 
 
 def default_repo_id(out_dir: Path) -> str:
-    from hub.push import resolve_repo_id
+    from defectclip.sharing.push import resolve_repo_id
 
     return resolve_repo_id(out_dir.resolve().name.replace("_", "-"))
 
@@ -505,14 +447,19 @@ def render_card(stats: dict, candidates: dict[str, list[str]], config: BuildConf
 
     repo_id = config.repo_id or default_repo_id(config.out_dir)
     pretty_name = f"defectclip split-mask captions: {', '.join(sorted(candidates))}"
+    licence_block = ({"license_name": info.license_name, "license_link": info.license_link}
+                     if info.license_id == "other" else {})
     card_data = DatasetCardData(
         license=info.license_id,
+        **licence_block,
         pretty_name=pretty_name,
         size_categories=size_category(sum(s["images"] for s in stats["splits"].values())),
         task_categories=["image-to-text", "image-segmentation"],
         tags=["industrial-anomaly-detection", "defect-detection", "region-captioning", "defectclip"],
+        # The build folder's own Arrow files, so `load_dataset(<folder>)` reads it as built; a push replaces
+        # them with its Parquet shards (DatasetDict.push_to_hub writes the configs on the Hub).
         configs=[{"config_name": "default",
-                  "data_files": [{"split": s, "path": f"data/{s}-*.parquet"}
+                  "data_files": [{"split": s, "path": f"{s}/data-*.arrow"}
                                  for s, counts in stats["splits"].items() if counts["images"]]}],
     )
     return DatasetCard.from_template(
@@ -528,6 +475,17 @@ def render_card(stats: dict, candidates: dict[str, list[str]], config: BuildConf
 
 def candidates_by_object(config: BuildConfig) -> dict[str, list[str]]:
     """Every defect type the source names, per object, as canonical captions (the describer's choices)."""
+    return {obj: candidate_captions(obj, names) for obj, names in defect_types_by_object(config).items()}
+
+
+def build_features(config: BuildConfig):
+    """The records' features, with the source's objects and defect types as the ClassLabel names."""
+    types = defect_types_by_object(config)
+    return record_features(list(types), [name for names in types.values() for name in names])
+
+
+def defect_types_by_object(config: BuildConfig) -> dict[str, list[str]]:
+    """Every defect type the source names, per object, in the source's order."""
     types: dict[str, list[str]] = defaultdict(list)
     for split in ("train", "test"):
         dataset = _dataset(str(config.source), split)
@@ -536,7 +494,7 @@ def candidates_by_object(config: BuildConfig) -> dict[str, list[str]]:
             for name in names:
                 if name != GOOD and name not in types[ref.object]:
                     types[ref.object].append(name)
-    return {obj: candidate_captions(obj, names) for obj, names in sorted(types.items())}
+    return dict(sorted(types.items()))
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -550,24 +508,24 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _empty_split(split: str):
+def _empty_split(split: str, features):
     from datasets import Dataset
 
-    return Dataset.from_dict({name: [] for name in record_features()}, features=record_features(), split=split)
+    return Dataset.from_dict({name: [] for name in features}, features=features, split=split)
 
 
-def _build_split(split: str, jobs: list[Job], config: BuildConfig, cache_dir: Path, stats_dir: Path):
+def _build_split(split: str, jobs: list[Job], config: BuildConfig, cache_dir: Path, stats_dir: Path, features):
     from datasets import Dataset
 
     if not jobs:  # e.g. --val-fraction 0
-        return _empty_split(split)
+        return _empty_split(split, features)
     params = dataclasses.asdict(config.regions)
     # A fresh cache folder per build, so a build always runs the generator (the stats files come from it)
     # and never reuses another build's Arrow files.
     fingerprint = hashlib.sha1(json.dumps([split, len(jobs), str(config), time.time()]).encode()).hexdigest()
     try:
         return Dataset.from_generator(
-            generate_records, features=record_features(), cache_dir=str(cache_dir), split=split,
+            generate_records, features=features, cache_dir=str(cache_dir), split=split,
             gen_kwargs={"jobs": jobs, "root": str(config.source), "params": params,
                         "include_normal": config.include_normal, "stats_dir": str(stats_dir), "split": split},
             num_proc=config.num_proc if config.num_proc > 1 and len(jobs) >= config.num_proc else None,
@@ -578,7 +536,7 @@ def _build_split(split: str, jobs: list[Job], config: BuildConfig, cache_dir: Pa
         # empty generator's split back, but an empty split is a valid outcome here.
         if "corresponds to no data" not in str(error):
             raise
-        return _empty_split(split)
+        return _empty_split(split, features)
 
 
 def build_dataset(config: BuildConfig, info: SourceInfo | None = None) -> dict:
@@ -594,7 +552,9 @@ def build_dataset(config: BuildConfig, info: SourceInfo | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="defectclip-build-", dir=config.out_dir.parent) as work:
         cache_dir, stats_dir = Path(work, "cache"), Path(work, "stats")
         stats_dir.mkdir()
-        built = DatasetDict({split: _build_split(split, plan[split], config, cache_dir, stats_dir) for split in SPLITS})
+        features = build_features(config)
+        built = DatasetDict({split: _build_split(split, plan[split], config, cache_dir, stats_dir, features)
+                             for split in SPLITS})
         # An empty split needs one (empty) shard written explicitly, or load_from_disk finds no table.
         built.save_to_disk(str(config.out_dir), num_shards={s: 1 for s, d in built.items() if len(d) == 0})
         shard_stats = {split: _merge_shard_stats(stats_dir, split) for split in SPLITS}
@@ -614,6 +574,7 @@ def build_dataset(config: BuildConfig, info: SourceInfo | None = None) -> dict:
     stats["build_seconds"] = round(time.perf_counter() - started, 2)
     (config.out_dir / CANDIDATES_FILE).write_text(json.dumps(candidates, indent=2) + "\n")
     (config.out_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    (config.out_dir / LICENSE_FILE).write_text(info.license_text())
     render_card(stats, candidates, config, info).save(str(config.out_dir / "README.md"))
     return stats
 
@@ -621,38 +582,49 @@ def build_dataset(config: BuildConfig, info: SourceInfo | None = None) -> dict:
 # ------------------------------------------------------------------------------------------- push
 
 
-def export_for_hub(out_dir: Path, staging: Path) -> Path:
-    """Write the built dataset as Parquet shards `data/<split>-NNNNN-of-NNNNN.parquet` plus README.md,
-    candidates.json and stats.json: the layout `load_dataset("<org>/<name>")` reads (the card's `configs`
-    point at it). The save_to_disk folder itself is not pushed: its per-split JSON state files would make
-    the Hub guess the wrong file format."""
-    from datasets import load_from_disk
-
-    if not (out_dir / "dataset_dict.json").is_file():
-        raise DataError(f"{out_dir} is not a built dataset (no dataset_dict.json); run `build` first.")
-    saved = load_from_disk(str(out_dir))
-    (staging / "data").mkdir(parents=True, exist_ok=True)
-    for split, dataset in saved.items():
-        if len(dataset) == 0:
-            continue  # the card's `configs` leave empty splits out too
-        shards = max(1, math.ceil(dataset.data.nbytes / PARQUET_SHARD_BYTES))
-        for index in range(shards):
-            part = dataset.shard(shards, index, contiguous=True)
-            part.to_parquet(str(staging / "data" / f"{split}-{index:05d}-of-{shards:05d}.parquet"))
-    for name in ("README.md", CANDIDATES_FILE, STATS_FILE):
-        if (out_dir / name).is_file():
-            shutil.copy2(out_dir / name, staging / name)
-    return staging
-
-
 def push_dataset(out_dir: str | Path, repo_id: str, *, dry_run: bool = False, force: bool = False,
-                 private: bool | None = None, token: str | None = None):
-    """Export to Parquet in a temporary folder and upload it as one commit with hub.push.push_folder."""
-    from hub.push import push_folder  # imported here: building needs no Hub client
+                 private: bool | None = None, token: str | None = None, echo=print):
+    """Push a built dataset: `DatasetDict.push_to_hub` writes the Parquet shards (data/<split>-*.parquet, empty
+    splits left out), the card's `configs` and `dataset_info`; then one commit adds the card with that
+    metadata, candidates.json, stats.json and LICENSE.md. A README.md edited on the Hub is kept unless `force`.
+    """
+    from datasets import DatasetDict, load_from_disk
 
+    from defectclip.sharing.push import push_folder, remote_readme_is_ours, resolve_repo_id
+
+    out_dir, repo_id = Path(out_dir), resolve_repo_id(repo_id)
+    if not (out_dir / DATASET_DICT_FILE).is_file():
+        raise DataError(f"{out_dir} is not a built dataset (no {DATASET_DICT_FILE}); run `build` first.")
+    saved = load_from_disk(str(out_dir))
+    splits = DatasetDict({split: data for split, data in saved.items() if len(data)})
+    if dry_run:
+        echo(f"Dry run: would push splits {', '.join(f'{s} ({len(d)} rows)' for s, d in splits.items())} and "
+             f"{', '.join(EXTRA_FILES)} from {out_dir} to dataset {repo_id}")
+        return None
+    replace_readme = force or remote_readme_is_ours(repo_id, "dataset", token)
+    splits.push_to_hub(repo_id, private=private, token=token, max_shard_size=PARQUET_SHARD_BYTES,
+                       commit_message=f"Upload {len(splits)} split(s) with defectclip")
     with tempfile.TemporaryDirectory(prefix="defectclip-push-") as staging:
-        export_for_hub(Path(out_dir), Path(staging))
-        return push_folder(staging, repo_id, "dataset", dry_run=dry_run, force=force, private=private, token=token)
+        for name in EXTRA_FILES:
+            if (out_dir / name).is_file():
+                shutil.copy2(out_dir / name, Path(staging) / name)
+        merge_hub_metadata(Path(staging) / "README.md", repo_id, token)
+        return push_folder(staging, repo_id, "dataset", force=replace_readme, private=private, token=token,
+                           delete_stale=False, echo=echo)
+
+
+def merge_hub_metadata(readme: Path, repo_id: str, token: str | None) -> None:
+    """Our card, with the `configs` and `dataset_info` that DatasetDict.push_to_hub just wrote on the Hub."""
+    from huggingface_hub import DatasetCard
+
+    if not readme.is_file():
+        return
+    remote = DatasetCard.load(repo_id, repo_type="dataset", token=token).data
+    card = DatasetCard.load(readme)
+    for key in ("configs", "dataset_info"):
+        if remote.get(key) is not None:
+            card.data[key] = remote.get(key)
+    card.save(str(readme))
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -687,13 +659,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--source-url", default=None, help="where the underlying data is published")
     build.set_defaults(handler=_run_build)
 
-    push = commands.add_parser("push", help="upload a built dataset to the Hub (as Parquet) in one commit")
+    push = commands.add_parser("push", help="upload a built dataset to the Hub: Parquet shards (DatasetDict.push_to_hub), "
+                               "then the card, candidates, stats and licence")
     push.add_argument("out_dir", type=Path, help="a folder written by `build`")
     push.add_argument("repo", help="'<namespace>/<name>', or '<name>' for $DEFECTCLIP_ORG")
     push.add_argument("--dry-run", action="store_true", help="list the files; touch no network")
     push.add_argument("--force", action="store_true", help="replace a README.md edited on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo private")
-    from hub.push import add_token_argument
+    from hub.tokens import add_token_argument
 
     add_token_argument(push)
     push.set_defaults(handler=_run_push)

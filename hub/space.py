@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 from defectclip.io import atomic_dir
-from hub.push import resolve_repo_id
+from defectclip.sharing.push import resolve_repo_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE_README_TEMPLATE = REPO_ROOT / "cards" / "space_readme.md.j2"
@@ -162,7 +162,7 @@ def request_hardware(repo_id: str, hardware: str, *, private: bool | None = None
     """Create the Space with `hardware` requested, or request it for a Space that already exists."""
     from huggingface_hub import HfApi
 
-    from hub.push import SPACE_SDK
+    from defectclip.sharing.push import SPACE_SDK
 
     api = HfApi(endpoint=endpoint, token=token, library_name="defectclip")
     if api.repo_exists(repo_id, repo_type="space"):
@@ -177,7 +177,7 @@ def push_space(folder: str | Path, repo_id: str, hardware: str | None = None, *,
                private: bool | None = None, token: str | None = None, endpoint: str | None = None, echo=print,
                **push_options):
     """Push a built Space folder, its hardware requested (default: the folder's suggested_hardware)."""
-    from hub.push import push_folder
+    from defectclip.sharing.push import push_folder
 
     hardware = hardware or space_hardware(folder)
     repo_id = resolve_repo_id(repo_id)

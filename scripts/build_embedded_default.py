@@ -97,7 +97,7 @@ def fit_patchcore(tile: Path, tower_dir: Path, out: Path, image_size: int, cores
     scorer = PatchCore(f"local-dir:{tower_dir}", image_size=image_size, coreset_ratio=coreset_ratio)
     scorer.fit([r.image_path for r in train.refs])
     scorer.calibrate([r.image_path for r in calibration], [int(r.defect != "good") for r in calibration])
-    scorer.save(out)
+    scorer.save_pretrained(out)
     _point_tower_at_shipped_copy(out)
     results = scorer.predict([r.image_path for r in held_out])
     auroc = image_auroc([int(r.defect != "good") for r in held_out], [r.score for r in results])

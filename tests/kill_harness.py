@@ -70,7 +70,7 @@ def main() -> None:
 
     in_phase(common, "save_checkpoint", lambda accelerator, progress, *rest: f"ckpt:{progress.step}")
     in_phase(script, "save_artifact", lambda *args, **kwargs: "final")
-    real_after_step = script.after_step
+    real_after_step = common.after_step  # the one training loop's hook after every optimizer step
 
     def after_step(accelerator, progress, *rest):
         PHASE.append(f"step:{progress.step}")
@@ -78,7 +78,7 @@ def main() -> None:
         PHASE.pop()
         return real_after_step(accelerator, progress, *rest)
 
-    script.after_step = after_step
+    common.after_step = after_step
     import timm.models._hub as timm_hub  # the trunk's safetensors file is written through timm
 
     if hasattr(timm_hub, "save_file"):

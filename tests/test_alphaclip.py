@@ -218,7 +218,7 @@ def tiny_run_args(dataset: Path, output: Path, steps: int, *extra: str) -> list[
 
 
 def test_region_table_reads_the_built_dataset(region_dataset):
-    from defectclip.alphaclip import load_region_table, read_dataset_candidates
+    from defectclip.region_dataset import load_region_table, read_dataset_candidates
 
     candidates = read_dataset_candidates(region_dataset)
     assert candidates == {OBJECT: ["an inclusion in the steel strip", "a scratch on the steel strip"]}
@@ -266,21 +266,21 @@ class Crash(RuntimeError):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(region_dataset, tmp_path, monkeypatch):
-    import train.alphaclip_lora as script
+    import train.common as loop  # the one training loop checkpoints through it
 
     whole = train_main(tiny_run_args(region_dataset, tmp_path / "whole", 6))
 
-    real_checkpoint = script.maybe_checkpoint
+    real_checkpoint = loop.maybe_checkpoint
 
     def checkpoint_then_crash(accelerator, progress, args, last_step):
         real_checkpoint(accelerator, progress, args, last_step)
         if progress.step == 3:
             raise Crash("killed after the step-3 checkpoint")
 
-    monkeypatch.setattr(script, "maybe_checkpoint", checkpoint_then_crash)
+    monkeypatch.setattr(loop, "maybe_checkpoint", checkpoint_then_crash)
     with pytest.raises(Crash):
         train_main(tiny_run_args(region_dataset, tmp_path / "split", 6, "--checkpointing-steps", "3"))
-    monkeypatch.setattr(script, "maybe_checkpoint", real_checkpoint)
+    monkeypatch.setattr(loop, "maybe_checkpoint", real_checkpoint)
     resumed = train_main(tiny_run_args(region_dataset, tmp_path / "split", 6, "--checkpointing-steps", "3", "--resume", "latest"))
     assert resumed["losses"] == pytest.approx(whole["losses"][3:], rel=1e-5)
     images, masks = images_and_masks((48, 48), count=2, seed=2)

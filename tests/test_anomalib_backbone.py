@@ -1,6 +1,6 @@
 """anomalib's PatchCore takes our exported TAB backbone as its timm backbone, unchanged (DESIGN.md "Saved artifacts").
 
-The backbone is exported with hub.export, pushed to the fake Hub, and named to anomalib as `hf-hub:<repo>`, the
+The backbone is exported with defectclip.sharing.export, pushed to the fake Hub, and named to anomalib as `hf-hub:<repo>`, the
 way a user would; anomalib then builds it with timm's `features_only` API. Needs the optional extra
 (`pip install -e .[anomalib]`); skipped without it.
 """
@@ -15,9 +15,9 @@ import torch  # noqa: E402
 from fake_hub import fake_hub  # noqa: E402,F401  (pytest fixture)
 
 from defectclip.tab import TABBackbone, TABConfig  # noqa: E402
-from hub.cards import CardInfo  # noqa: E402
-from hub.export import export_tab_backbone  # noqa: E402
-from hub.push import RetryPolicy, push_folder  # noqa: E402
+from defectclip.sharing.cards import CardInfo  # noqa: E402
+from defectclip.sharing.export import export_tab_backbone  # noqa: E402
+from defectclip.sharing.push import RetryPolicy, push_folder  # noqa: E402
 
 REPO = "defectclip/tab-anomalib"
 LAYERS = ["layer2", "layer3"]

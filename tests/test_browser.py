@@ -40,7 +40,7 @@ def served():
     from demo.app import build_demo
 
     folder = os.environ.get("DEFECTCLIP_SCREENSHOT_MODELS")
-    pipeline = InspectionPipeline.from_folder(folder) if folder else build_pipeline()
+    pipeline = InspectionPipeline.from_pretrained(folder) if folder else build_pipeline()
     demo = build_demo(pipeline)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     yield url, pipeline

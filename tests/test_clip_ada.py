@@ -223,11 +223,11 @@ def perturbed_model(towers, **overrides) -> ClipADA:
 
 def test_save_load_round_trip_gives_identical_maps(towers, tmp_path):
     model = perturbed_model(towers)
-    folder = model.save(tmp_path / "clip_ada")
+    folder = model.save_pretrained(tmp_path / "clip_ada")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert set(load_file(str(folder / "model.safetensors"))) == {n for n, p in model.named_parameters() if p.requires_grad}
 
-    loaded = ClipADA.load(folder)  # towers rebuilt from the specs in config.json
+    loaded = ClipADA.from_pretrained(folder)  # towers rebuilt from the specs in config.json
     images = [torch.rand(3, 40, 56), torch.rand(3, 64, 64)]
     for a, b in zip(model.predict(images), loaded.predict(images)):
         assert np.array_equal(a.anomaly_map, b.anomaly_map) and a.score == b.score
@@ -239,14 +239,14 @@ def test_save_load_round_trip_gives_identical_maps(towers, tmp_path):
 
 def test_fixed_prompt_round_trip(towers, tmp_path):
     model = perturbed_model(towers, learnable_prompt=False)
-    loaded = ClipADA.load(model.save(tmp_path / "fixed"), vision=towers[0], text=towers[1])
+    loaded = ClipADA.from_pretrained(model.save_pretrained(tmp_path / "fixed"), vision=towers[0], text=towers[1])
     image = [torch.rand(3, 64, 64)]
     assert np.array_equal(model.predict(image)[0].anomaly_map, loaded.predict(image)[0].anomaly_map)
 
 
 @pytest.mark.parametrize("damage", ["extra", "missing"])
 def test_load_is_strict_about_keys(towers, tmp_path, damage):
-    folder = perturbed_model(towers).save(tmp_path / "clip_ada")
+    folder = perturbed_model(towers).save_pretrained(tmp_path / "clip_ada")
     state = load_file(str(folder / "model.safetensors"))
     if damage == "extra":
         state["projections.3.weight"] = torch.zeros(2, 2)
@@ -254,7 +254,7 @@ def test_load_is_strict_about_keys(towers, tmp_path, damage):
         del state["prompt.ctx"]
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match=damage if damage == "missing" else "unexpected"):
-        ClipADA.load(folder, vision=towers[0], text=towers[1])
+        ClipADA.from_pretrained(folder, vision=towers[0], text=towers[1])
 
 
 def test_state_dict_leaves_the_frozen_towers_out(towers):
@@ -287,7 +287,7 @@ def test_training_script_saves_a_loadable_artifact_and_metrics(mvtec_root, tmp_p
     metrics = train_clip_ada.main(tiny_args(mvtec_root, tmp_path / "run", "--max-steps", "3", "--synthesis", "nsa"))
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["steps"] == 3 and saved["train_images"] == 8 and saved == pytest.approx(metrics)
-    model = ClipADA.load(tmp_path / "run" / "model")
+    model = ClipADA.from_pretrained(tmp_path / "run" / "model")
     assert model.config.threshold == pytest.approx(saved["threshold"])
     image = load_image(next((mvtec_root / "widget" / "test" / "scratch").glob("*.png")))
     assert model.predict([image])[0].anomaly_map.shape == tuple(image.shape[-2:])
@@ -321,10 +321,12 @@ def test_synthetic_samples_are_seeded_per_seed_index_and_epoch(mvtec_root):
     assert not torch.equal(first["mask"], sample(1, (1, 7))["mask"])  # another seed, another anomaly
 
 
-def test_predict_rejects_ambiguous_inputs(towers):
+def test_predict_reads_images_like_every_other_model_and_rejects_ambiguous_ones(towers):
     model = make_model(towers)
-    with pytest.raises(ValueError, match="3 x H x W floats"):
-        model.predict([torch.zeros(3, 32, 32, dtype=torch.uint8)])
+    pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    # One converter (defectclip.data.image_to_tensor) for every model: uint8 tensors are 0-255, floats 0-1.
+    as_uint8, as_float = model.predict([pixels, pixels.float() / 255.0])
+    assert np.array_equal(as_uint8.anomaly_map, as_float.anomaly_map)
     with pytest.raises(ValueError, match="uint8"):
         model.predict([np.zeros((32, 32, 3), np.float32)])
 

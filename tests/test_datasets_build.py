@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from hub import datasets as builder
-from hub.datasets import BuildConfig, RegionParams, build_dataset, export_for_hub, main
+from defectclip.region_dataset import label_decoders
+from fake_hub import fake_hub  # noqa: F401  (pytest fixture)
+from hub.datasets import BuildConfig, RegionParams, build_dataset, main, push_dataset
 
 SIZE = (48, 64)  # height, width
 
@@ -119,8 +121,10 @@ def test_records_carry_object_captions_bboxes_and_pixel_exact_masks(mvtec_build)
     source, out, _ = mvtec_build
     dataset = load(out)
     for split in dataset:
+        object_name, defect_name = label_decoders(dataset[split])
+        assert dataset[split].features["object"].names == ["metal plate"]  # a ClassLabel, not free text
         for record in dataset[split]:
-            assert record["object"] == "metal plate"
+            assert object_name(record["object"]) == "metal plate"
             truth = np.array(Image.open(source / record["source"].replace("test/", "ground_truth/", 1)
                                         .replace(".png", "_mask.png"))) > 0
             masks = [np.array(r["mask"]) for r in record["regions"]]
@@ -130,7 +134,7 @@ def test_records_carry_object_captions_bboxes_and_pixel_exact_masks(mvtec_build)
                 ys, xs = np.nonzero(mask)
                 assert region["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
                 expected = {"crack": "a crack in the metal plate", "hole": "a hole in the metal plate"}
-                assert region["caption"] == expected[region["defect"]]
+                assert region["caption"] == expected[defect_name(region["defect"])]
             image = np.array(record["image"])
             assert image.shape[:2] == SIZE
 
@@ -144,7 +148,9 @@ def test_mvtec_card_candidates_and_stats_files(mvtec_build):
     assert "| metal plate | 3 | 2 | 3 | 8 |" in card  # images per object x split
     assert "| 2 | 2 | 1 | 2 | 5 |" in card  # images with two regions per split
     assert 'load_dataset("acme/plates")' in card and 'load_from_disk("plates")' in card
-    assert "path: data/train-*.parquet" in card
+    assert "path: train/data-*.arrow" in card  # the build folder's own files: load_dataset(<folder>) reads them
+    assert "license_name: not-stated" in card and "license_link: LICENSE.md" in card  # the Hub's licence block
+    assert "Not stated" in (out / "LICENSE.md").read_text()  # an unknown source's terms, said plainly
     assert "eps` | 5.0 px" in card and stats["dropped_regions"] == 0
 
 
@@ -157,7 +163,9 @@ def test_index_mask_build_counts_drops_and_types(index_build):
     assert stats["dropped_regions"] == 1 and stats["skipped_without_regions"] == 1
     records = [r for s in ("train", "validation") for r in dataset[s]]
     both = next(r for r in records if r["source"] == "images/train/0000.jpg")
-    assert [r["defect"] for r in both["regions"]] == ["inclusion", "inclusion", "patches"]
+    _, defect_name = label_decoders(dataset["train"])
+    assert dataset["train"].features["regions"].feature["defect"].names == ["inclusion", "patches"]
+    assert [defect_name(r["defect"]) for r in both["regions"]] == ["inclusion", "inclusion", "patches"]
     assert both["regions"][2]["caption"] == "a patch on the steel strip"
     assert both["image"].format == "JPEG"  # the source's own bytes, not re-encoded
     card = (out / "README.md").read_text()
@@ -214,26 +222,47 @@ def test_existing_output_needs_overwrite(index_build):
     assert (out.parent / "foreign" / "notes.txt").exists()
 
 
-def test_export_for_hub_writes_parquet_that_load_dataset_reads(tmp_path, index_build):
+def test_load_dataset_reads_the_local_build_folder_with_its_class_labels(tmp_path, index_build):
     from datasets import load_dataset
 
     _, out, _ = index_build
-    staging = export_for_hub(out, tmp_path / "staging")
-    names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-    assert names == ["README.md", "candidates.json", "data/test-00000-of-00001.parquet",
-                     "data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet", "stats.json"]
-    hub_like = load_dataset(str(staging), cache_dir=str(tmp_path / "cache"))  # resolves the splits through the card's `configs`
-    local = load(out)
-    assert {s: len(hub_like[s]) for s in hub_like} == {s: len(local[s]) for s in local}
-    first = hub_like["test"][0]["regions"][0]["mask"]
-    assert (np.array(first) == np.array(local["test"][0]["regions"][0]["mask"])).all()
+    local = load_dataset(str(out), cache_dir=str(tmp_path / "cache"))  # resolves the splits through the card
+    built = load(out)
+    assert {s: len(local[s]) for s in local} == {s: len(built[s]) for s in built if len(built[s])}
+    assert local["train"].features == built["train"].features  # ClassLabels survive
+    assert (np.array(local["test"][0]["regions"][0]["mask"]) == np.array(built["test"][0]["regions"][0]["mask"])).all()
+
+
+def test_push_goes_through_datasetdict_push_to_hub_and_loads_back(fake_hub, index_build, tmp_path):  # noqa: F811
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    _, out, _ = index_build
+    push_dataset(out, "defectclip/steel-regions", echo=lambda _: None)
+    files = set(fake_hub.repo_files("defectclip/steel-regions", "dataset"))
+    assert {"README.md", "candidates.json", "stats.json", "LICENSE.md"} <= files
+    assert any(name.startswith("data/train-") and name.endswith(".parquet") for name in files)
+    card = DatasetCard.load("defectclip/steel-regions", repo_type="dataset")
+    assert card.data.dataset_info is not None and card.data.license == "other" and card.data.license_link
+    assert "split-mask captions" in card.text  # our card's body, with the metadata datasets wrote
+
+    pulled = load_dataset("defectclip/steel-regions")
+    built = load(out)
+    assert {s: len(pulled[s]) for s in pulled} == {s: len(built[s]) for s in built if len(built[s])}
+    assert pulled["train"].features["object"].names == built["train"].features["object"].names
+
+    # Pushed again: the README datasets rewrote in between still counts as ours, so our card replaces it.
+    assert not push_dataset(out, "defectclip/steel-regions", echo=lambda _: None).readme_kept
+    # A README a person edited on the Hub is kept.
+    fake_hub.commit_files("defectclip/steel-regions", {"README.md": b"# edited by hand\n"}, "dataset")
+    assert push_dataset(out, "defectclip/steel-regions", echo=lambda _: None).readme_kept
 
 
 def test_push_dry_run_lists_the_exported_files(index_build, capsys):
     _, out, _ = index_build
     assert main(["push", str(out), "acme/steel-regions", "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert "acme/steel-regions" in printed and "data/train-00000-of-00001.parquet" in printed
+    assert "acme/steel-regions" in printed and "train (" in printed and "candidates.json" in printed
 
 
 def test_empty_splits_are_saved_and_left_out_of_the_hub_export(tmp_path):
@@ -242,8 +271,9 @@ def test_empty_splits_are_saved_and_left_out_of_the_hub_export(tmp_path):
     stats = build_dataset(BuildConfig(source=source, out_dir=out, val_fraction=0.0))
     assert stats["splits"]["validation"]["images"] == 0 and len(load(out)["validation"]) == 0
     assert "validation" not in (out / "README.md").read_text().split("---")[1]  # not in the card's configs
-    staging = export_for_hub(out, tmp_path / "staging")
-    assert sorted(p.name.split("-")[0] for p in (staging / "data").iterdir()) == ["test", "train"]
+    from datasets import load_dataset
+
+    assert sorted(load_dataset(str(out), cache_dir=str(tmp_path / "cache"))) == ["test", "train"]
     # a split whose every image lost its regions is empty too, not an error
     nothing = build_dataset(BuildConfig(source=source, out_dir=tmp_path / "none", regions=RegionParams(min_area=10**6)))
     assert all(s["images"] == 0 for s in nothing["splits"].values()) and nothing["skipped_without_regions"] == 8

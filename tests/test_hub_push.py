@@ -1,4 +1,4 @@
-"""hub.push over real HTTP: push folders to the fake Hub, read them back with the real clients."""
+"""defectclip.sharing.push over real HTTP: push folders to the fake Hub, read them back with the real clients."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import save_file
 
 from hub.__main__ import main
-from hub.push import README_MARKER, FolderError, RetryPolicy, push_folder, resolve_repo_id
+from defectclip.sharing.push import README_MARKER, FolderError, RetryPolicy, push_folder, resolve_repo_id
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 
 from conftest import textured_image, write_mvtec_category
 from defectclip.data import DataError, array_to_tensor, open_dataset
-from defectclip.scoring import PaDiM, ScoringError, load_scorer
+from defectclip.scoring import FeatureScorer, PaDiM, ScoringError
 from defectclip.scoring.padim import mahalanobis, random_channels
 from defectclip.towers import build_vision_tower
 
@@ -91,29 +91,29 @@ def test_fit_on_a_labelled_dataset_uses_only_its_normal_images(tiny_cnn, tmp_pat
 
 def test_save_then_load_gives_identical_predictions(fitted, normal_images, blob_image, tmp_path):
     fitted.calibrate(normal_images[6:] + [blob_image], [0, 0, 1])
-    folder = fitted.save(tmp_path / "padim")
+    folder = fitted.save_pretrained(tmp_path / "padim")
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "padim" and config["d"] == 20 and config["epsilon"] == 0.01
-    loaded = PaDiM.load(folder, device="cpu")
-    assert isinstance(load_scorer(folder), PaDiM)
+    loaded = PaDiM.from_pretrained(folder, device="cpu")
+    assert isinstance(FeatureScorer.from_pretrained(folder), PaDiM)
     for before, after in zip(fitted.predict(normal_images[6:] + [blob_image]), loaded.predict(normal_images[6:] + [blob_image])):
         assert before.score == after.score and before.threshold == after.threshold
         np.testing.assert_array_equal(before.anomaly_map, after.anomaly_map)
 
 
 def test_load_refuses_a_config_with_a_missing_key(fitted, tmp_path):
-    folder = fitted.save(tmp_path / "padim")
+    folder = fitted.save_pretrained(tmp_path / "padim")
     config = json.loads((folder / "config.json").read_text())
     del config["epsilon"]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ScoringError, match="missing keys \\['epsilon'\\]"):
-        PaDiM.load(folder)
+        PaDiM.from_pretrained(folder)
 
 
 def test_bad_inputs_raise_clear_errors(fitted, tiny_cnn, tmp_path):
     with pytest.raises(ScoringError, match="10 x 10 pixels.*at least 16 x 16"):
         fitted.predict(torch.rand(3, 10, 10))
-    with pytest.raises(ScoringError, match="4 channels"):
+    with pytest.raises(DataError, match="4 channels"):
         fitted.predict(torch.rand(4, 48, 64))
     broken = tmp_path / "scan_017.png"
     broken.write_bytes(b"not a png")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import save_png, textured_image, write_mvtec_category
 from defectclip.data import DataError, array_to_tensor, open_dataset
-from defectclip.scoring import PatchCore, ScoringError, calibrate_threshold, load_scorer
+from defectclip.scoring import FeatureScorer, PatchCore, ScoringError, calibrate_threshold
 from defectclip.scoring.common import gaussian_blur, measure_centre_offset, patch_scores_to_maps
 from defectclip.scoring.patchcore import greedy_k_center, nearest_neighbours, select_coreset
 from defectclip.towers import build_vision_tower
@@ -232,52 +232,52 @@ def test_model_calibration_sets_masks_and_decisions(fitted, normal_images, blob_
 
 def test_save_then_load_gives_identical_predictions(fitted, normal_images, blob_image, tmp_path):
     fitted.calibrate(normal_images + [blob_image], [0] * 6 + [1])
-    folder = fitted.save(tmp_path / "model")
+    folder = fitted.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["tower"] == "tiny:cnn" and config["layers"] == ["layer2", "layer3"]
     assert config["coreset_ratio"] == 0.5 and config["threshold"] == fitted.threshold
-    loaded = PatchCore.load(folder, device="cpu")
+    loaded = PatchCore.from_pretrained(folder, device="cpu")
     for before, after in zip(fitted.predict(normal_images[:2] + [blob_image]), loaded.predict(normal_images[:2] + [blob_image])):
         assert before.score == after.score and before.threshold == after.threshold
         np.testing.assert_array_equal(before.anomaly_map, after.anomaly_map)
-    assert isinstance(load_scorer(folder), PatchCore)
+    assert isinstance(FeatureScorer.from_pretrained(folder), PatchCore)
 
 
 def test_saving_over_a_previous_save_replaces_it_and_spares_other_folders(fitted, tmp_path):
-    folder = fitted.save(tmp_path / "model")
-    fitted.save(folder)
+    folder = fitted.save_pretrained(tmp_path / "model")
+    fitted.save_pretrained(folder)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     with pytest.raises(ScoringError, match="other files"):
-        fitted.save(tmp_path / "notes")
+        fitted.save_pretrained(tmp_path / "notes")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
 def test_load_refuses_missing_and_unexpected_keys(fitted, tmp_path):
-    folder = fitted.save(tmp_path / "model")
+    folder = fitted.save_pretrained(tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "surprise": 1}))
     with pytest.raises(ScoringError, match="unexpected keys \\['surprise'\\]"):
-        PatchCore.load(folder)
+        PatchCore.from_pretrained(folder)
     (folder / "config.json").write_text(json.dumps(config))
     tensors = load_file(folder / "model.safetensors")
     save_file({**tensors, "extra": torch.zeros(1)}, folder / "model.safetensors")
     with pytest.raises(ScoringError, match="unexpected keys \\['extra'\\]"):
-        PatchCore.load(folder)
+        PatchCore.from_pretrained(folder)
     save_file({}, folder / "model.safetensors")
     with pytest.raises(ScoringError, match="missing keys \\['memory_bank'\\]"):
-        PatchCore.load(folder)
+        PatchCore.from_pretrained(folder)
 
 
 def test_a_relative_local_dir_tower_still_resolves_after_save(tiny_cnn, normal_images, tmp_path, monkeypatch):
     tiny_cnn.save_pretrained(tmp_path / "towers" / "tab")
     monkeypatch.chdir(tmp_path)
     model = PatchCore("local-dir:towers/tab", coreset_ratio=0.5, device="cpu").fit(normal_images[:3])
-    folder = model.save(tmp_path / "model")
+    folder = model.save_pretrained(tmp_path / "model")
     monkeypatch.chdir(tmp_path.parent)
-    loaded = PatchCore.load(folder, device="cpu")
+    loaded = PatchCore.from_pretrained(folder, device="cpu")
     assert loaded.tower.spec == f"local-dir:{(tmp_path / 'towers' / 'tab').resolve()}"
     assert loaded.predict(normal_images[3])[0].score == pytest.approx(model.predict(normal_images[3])[0].score)
 
@@ -287,9 +287,9 @@ def test_a_relative_local_dir_tower_still_resolves_after_save(tiny_cnn, normal_i
 
 
 def test_wrong_channel_count_is_a_clear_error(fitted):
-    with pytest.raises(ScoringError, match="3 x H x W.*1 channels"):
+    with pytest.raises(DataError, match="3 x H x W.*1 channels"):
         fitted.predict(torch.rand(1, 48, 64))
-    with pytest.raises(ScoringError, match="H x W x 3"):
+    with pytest.raises(DataError, match="H x W x 3"):
         fitted.predict([np.zeros((48, 64, 4), np.uint8)])
 
 

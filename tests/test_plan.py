@@ -15,7 +15,7 @@ import torch
 
 from conftest import textured_image, write_mvtec_category
 from defectclip.data import DataError, MVTecDataset, array_to_tensor
-from defectclip.scoring import MAX_IMAGE_PIXELS, InputPlan, PaDiM, PatchCore, ScoringError, load_scorer, parse_plan
+from defectclip.scoring import MAX_IMAGE_PIXELS, FeatureScorer, InputPlan, PaDiM, PatchCore, ScoringError, parse_plan
 from defectclip.scoring.plan import Box, stitch, tile_starts
 from defectclip.towers import build_vision_tower
 
@@ -159,22 +159,22 @@ def test_images_of_mixed_sizes_each_get_a_map_of_their_own_size(tiny_cnn, large_
 
 def test_the_plan_is_saved_and_a_loaded_model_tiles_the_same_way(tmp_path, tiny_cnn, large_normals, large_test):
     model = PatchCore(tiny_cnn, plan="tiles:64:16", coreset_ratio=0.05, device="cpu").fit(large_normals)
-    model.save(tmp_path / "tiled")
+    model.save_pretrained(tmp_path / "tiled")
     config = json.loads((tmp_path / "tiled" / "config.json").read_text())
     assert config["plan"] == {"mode": "tiles", "tile": 64, "overlap": 16}
-    loaded = load_scorer(tmp_path / "tiled")
+    loaded = FeatureScorer.from_pretrained(tmp_path / "tiled")
     assert loaded.plan == InputPlan("tiles", 64, 16)
     for a, b in zip(model.predict(list(large_test)), loaded.predict(list(large_test))):
         assert a.score == pytest.approx(b.score, rel=1e-5)
 
 
 def test_a_folder_saved_before_plans_existed_loads_as_resize(tmp_path, tiny_cnn, large_normals):
-    PaDiM(tiny_cnn, device="cpu").fit(large_normals[:3]).save(tmp_path / "old")
+    PaDiM(tiny_cnn, device="cpu").fit(large_normals[:3]).save_pretrained(tmp_path / "old")
     path = tmp_path / "old" / "config.json"
     config = json.loads(path.read_text())
     del config["plan"]
     path.write_text(json.dumps(config))
-    assert load_scorer(tmp_path / "old").plan == InputPlan()
+    assert FeatureScorer.from_pretrained(tmp_path / "old").plan == InputPlan()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -267,9 +267,14 @@ def test_a_fresh_run_into_a_checkpointed_folder_is_refused(tmp_path):
         parse_args(["--data", str(tmp_path), "--output-dir", str(tmp_path / "out")])
 
 
-def test_push_sends_the_artifact_without_checkpoints(two_categories, tmp_path, fake_hub):  # noqa: F811
+def test_push_sends_the_artifact_and_its_card_without_checkpoints_or_run_files(two_categories, tmp_path, fake_hub):  # noqa: F811
+    from huggingface_hub import HfApi
+
+    HfApi().create_repo("defectclip/tab-tiny")
+    fake_hub.commit_files("defectclip/tab-tiny", {"metrics.json": b"{}"})  # left by an older push
     run(two_categories, tmp_path / "out", "--max-steps", "2", "--batch-size", "4",
         "--push-to-hub", "defectclip/tab-tiny")
     files = set(fake_hub.repo_files("defectclip/tab-tiny"))
-    assert {"config.json", "model.safetensors", "projection.safetensors", "tab_config.json", "metrics.json"} <= files
+    assert {"config.json", "model.safetensors", "projection.safetensors", "tab_config.json", "README.md"} <= files
+    assert "metrics.json" not in files  # the stale file is deleted by the push
     assert not any(name.startswith("checkpoints") for name in files)

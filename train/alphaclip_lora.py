@@ -17,7 +17,7 @@ under `<output-dir>/checkpoints`, and with `--export-merged` a LoRA-merged copy 
 from __future__ import annotations
 
 import argparse
-import math
+from functools import partial
 import sys
 import time
 from pathlib import Path
@@ -30,23 +30,13 @@ from defectclip.alphaclip import (
     ALPHA_STD,
     DEFAULT_TEMPERATURE,
     AlphaDescriber,
-    RegionTable,
-    load_region_table,
-    read_dataset_candidates,
 )
+from defectclip.region_dataset import RegionTable, load_region_table, read_dataset_candidates
 from defectclip.data.transforms import normalize
 from defectclip.towers import OFFLINE_TEXT, OFFLINE_VISION
-from train.common import (
-    add_common_args,
-    batches_from,
-    check_common_args,
-    log_loss,
-    make_accelerator,
-    maybe_checkpoint,
-    resume_if_asked,
-    seed_everything,
-    total_steps,
-)
+if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import common  # noqa: E402
 
 MODEL_SUBDIR = "model"
 MERGED_SUBDIR = "merged"
@@ -58,7 +48,10 @@ MERGED_SUBDIR = "merged"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.alphaclip_lora", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", type=Path, required=True, help="split-mask caption dataset folder (hub.datasets build)")
+    parser.add_argument("--dataset", required=True,
+                        help="split-mask caption dataset: a folder (python -m hub.datasets build, or a downloaded "
+                             "copy) or a Hub dataset repo id 'org/name'")
+    parser.add_argument("--dataset-revision", default=None, help="branch, tag or commit of a Hub --dataset")
     parser.add_argument("--train-split", default="train", help="dataset split to train on")
     parser.add_argument("--vision", default=OFFLINE_VISION, help="vision tower spec (defectclip.towers)")
     parser.add_argument("--text", default=OFFLINE_TEXT, help="text tower spec; frozen, captions embedded once")
@@ -81,14 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=None,
                         help=f"where the trained describer folder goes (default: <output-dir>/{MODEL_SUBDIR})")
     parser.add_argument("--export-merged", action="store_true", help=f"also write a LoRA-merged model to <output-dir>/{MERGED_SUBDIR}")
-    add_common_args(parser, batch_size=64, lr=1e-4)
+    common.add_common_args(parser, batch_size=64, lr=1e-4)
     args = parser.parse_args(argv)
     check_args(args)
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
-    check_common_args(args)
+    common.check_common_args(args)
     if args.lora_r < 1 or args.lora_alpha < 1:
         raise SystemExit("--lora-r and --lora-alpha must be at least 1")
     if not 0.0 <= args.lora_dropout < 1.0 or not 0.0 <= args.flip_prob <= 1.0:
@@ -97,8 +90,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--temperature must be positive")
     if args.image_size is not None and args.image_size < 16:
         raise SystemExit("--image-size must be at least 16")
-    if not args.dataset.is_dir():
-        raise SystemExit(f"--dataset {args.dataset}: no such folder; build one with `python -m hub.datasets build`.")
+    if not Path(args.dataset).expanduser().is_dir() and not is_repo_id(args.dataset):
+        raise SystemExit(f"--dataset {args.dataset}: no such folder, and not a Hub repo id ('org/name'); build one "
+                         "with `python -m hub.datasets build`.")
+
+
+def is_repo_id(text: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,55 +202,14 @@ def make_optimizer(describer: AlphaDescriber, args: argparse.Namespace) -> torch
     return torch.optim.AdamW(parameter_groups(describer, args), betas=(0.9, 0.999), weight_decay=args.weight_decay)
 
 
-def warmup_cosine(warmup: int, total: int):
-    """Multiplier per step: linear warm-up to 1, then cosine to 0 at `total`."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 # --------------------------------------------------------------------------------------------------
-# the loop
+# the loop: train.common's, with the supervised contrastive loss
 
 
-def train_step(batch, describer, image_tower, caption_bank, optimizer, scheduler, accelerator, args, step) -> float:
+def region_loss(batch, step: int, describer: AlphaDescriber, image_tower, caption_bank, args) -> torch.Tensor:
     pixels, alpha, labels = batch_inputs(batch, describer, args, step)
-    with accelerator.accumulate(image_tower):
-        embeddings = image_tower(pixels, alpha)
-        loss = supervised_contrastive_loss(embeddings, caption_bank[labels], labels, args.temperature)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def train_loop(describer, image_tower, caption_bank, loader, generator, optimizer, scheduler, accelerator, progress, args, last_step) -> list[float]:
-    """Run optimizer steps until `last_step`; returns the loss of every step run here."""
-    from tqdm.auto import tqdm
-
-    image_tower.train()
-    bar = tqdm(total=last_step, initial=progress.step, disable=not accelerator.is_main_process, desc="alphaclip-lora")
-    losses, micro = [], 0
-    start_batch = progress.step * args.gradient_accumulation_steps
-    for batch in batches_from(loader, accelerator, start_batch, generator, seed=args.seed):
-        loss = train_step(batch, describer, image_tower, caption_bank, optimizer, scheduler, accelerator, args, progress.step)
-        micro += 1
-        if micro % args.gradient_accumulation_steps:
-            continue
-        progress.step += 1
-        losses.append(loss)
-        bar.update(1)
-        log_loss(accelerator, progress, args, loss, bar)
-        maybe_checkpoint(accelerator, progress, args, last_step)
-        if progress.step >= last_step:
-            break
-    bar.close()
-    image_tower.eval()
-    return losses
+    embeddings = image_tower(pixels, alpha)
+    return supervised_contrastive_loss(embeddings, caption_bank[labels], labels, args.temperature)
 
 
 def training_record(args: argparse.Namespace) -> dict:
@@ -253,6 +217,11 @@ def training_record(args: argparse.Namespace) -> dict:
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
             "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "lora_targets", "seed", "mixed_precision")
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key in keys}
+
+
+def hub_datasets(args: argparse.Namespace) -> tuple[str, ...]:
+    """The Hub dataset the run read, for the card's `datasets:` (a local folder names none)."""
+    return () if Path(args.dataset).expanduser().is_dir() else (args.dataset,)
 
 
 def save_artifacts(describer: AlphaDescriber, args: argparse.Namespace, accelerator) -> Path:
@@ -269,21 +238,28 @@ def save_artifacts(describer: AlphaDescriber, args: argparse.Namespace, accelera
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    seed_everything(args.seed)
-    accelerator, progress = make_accelerator(args)
-    candidates = read_dataset_candidates(args.dataset)
+    common.seed_everything(args.seed)
+    accelerator, progress = common.make_accelerator(args, "alphaclip_lora")
+    candidates = read_dataset_candidates(args.dataset, args.dataset_revision)
     describer = build_describer(args, candidates)
-    table = load_region_table(args.dataset, args.train_split, describer.image.preprocess)
+    table = load_region_table(args.dataset, args.train_split, describer.image.preprocess, args.dataset_revision)
     caption_bank = describer.embed_captions(table.captions).to(accelerator.device)
     loader, generator = make_loader(table, args)
-    last_step = total_steps(args, len(loader))
+    last_step = common.total_steps(args, len(loader))
     optimizer = make_optimizer(describer, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup_steps, last_step))
+    scheduler = common.make_scheduler("cosine", optimizer, last_step, accelerator.num_processes, warmup=args.warmup_steps)
     image_tower, optimizer, loader, scheduler = accelerator.prepare(describer.image, optimizer, loader, scheduler)
-    resume_if_asked(accelerator, args, progress)
+    common.resume_if_asked(accelerator, args, progress)
     started = time.perf_counter()
-    losses = train_loop(describer, image_tower, caption_bank, loader, generator, optimizer, scheduler, accelerator, progress, args, last_step)
+    batches = common.batches_from(loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed)
+    image_tower.train()
+    losses = common.train_loop(accelerator, progress, image_tower, optimizer, scheduler, batches,
+                        partial(region_loss, describer=describer, image_tower=image_tower, caption_bank=caption_bank,
+                                args=args),
+                        args, last_step, "alphaclip-lora")
+    image_tower.eval()
     folder = save_artifacts(describer, args, accelerator)
+    common.push_trained(describer, args, accelerator, datasets=hub_datasets(args))
     summary = {"steps": progress.step, "regions": len(table.region_image), "seconds": round(time.perf_counter() - started, 1),
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "model": str(folder)}
     accelerator.print(summary)

@@ -15,7 +15,9 @@ and resumable checkpoints under `<output-dir>/checkpoints`.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +28,9 @@ from defectclip.clip_ada import DEFAULT_TEMPLATE, DEFAULT_TOWER, ClipADA, ClipAD
 from defectclip.data import DataError, MVTecDataset, Preprocess, array_to_tensor, load_image, normalize, resize
 from defectclip.io import write_json_atomic
 from defectclip.synth import SYNTHESES, synthesize
-from train.common import (
-    add_common_args,
-    batches_from,
-    check_common_args,
-    log_loss,
-    loss_values,
-    make_accelerator,
-    maybe_checkpoint,
-    resume_if_asked,
-    seed_everything,
-    total_steps,
-)
+if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import common  # noqa: E402
 
 ARTIFACT_DIR = "model"
 METRICS_FILE = "metrics.json"
@@ -69,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on projection weights")
     loss.add_argument("--calibration-images", type=int, default=64, help="train/good images for the threshold (0: keep 0.5)")
     loss.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of normal scores used as threshold")
-    add_common_args(parser, batch_size=16, lr=1e-3)
+    common.add_common_args(parser, batch_size=16, lr=1e-3)
     return parser
 
 
@@ -80,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    check_common_args(args)
+    common.check_common_args(args)
     if not 0.0 <= args.anomaly_prob <= 1.0:
         raise SystemExit(f"--anomaly-prob must be in [0, 1], got {args.anomaly_prob}")
     if args.n_ctx < 1:
@@ -213,44 +206,8 @@ def make_optimizer(model: ClipADA, args: argparse.Namespace) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, last_step: int):
-    milestones = sorted({max(1, int(f * last_step)) for f in LR_MILESTONES})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=LR_DECAY)
-
-
-def training_step(model, batch, optimizer, scheduler, accelerator, args) -> float:
-    with accelerator.accumulate(model):
-        loss = clip_ada_loss(model(batch["image"]), batch["mask"], args.refine_weight)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def train_loop(model, loader, optimizer, scheduler, accelerator, progress, args, generator) -> list[float]:
-    """Optimizer steps until `total_steps`; returns the loss of every step this run made."""
-    from tqdm.auto import tqdm
-
-    last_step = total_steps(args, len(loader))
-    batches = batches_from(
-        loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed
-    )
-    bar = tqdm(total=last_step, initial=progress.step, desc="clip-ada", disable=not accelerator.is_local_main_process)
-    losses, micro = [], []
-    model.train()
-    while progress.step < last_step:
-        micro.append(training_step(model, next(batches), optimizer, scheduler, accelerator, args))
-        if not accelerator.sync_gradients:
-            continue
-        progress.step += 1
-        losses.append(float(np.mean(micro)))
-        micro = []
-        bar.update(1)
-        log_loss(accelerator, progress, args, losses[-1], bar)
-        maybe_checkpoint(accelerator, progress, args, last_step)
-    bar.close()
-    return losses
+def segmentation_loss(batch, step: int, model, args) -> torch.Tensor:
+    return clip_ada_loss(model(batch["image"]), batch["mask"], args.refine_weight)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,38 +240,40 @@ def finish(accelerator, model, paths: list[Path], args, progress, losses: list[f
         "trainable_parameters": model.num_trainable_parameters(),
         "train_seconds": seconds,
         "train_images_per_second": len(losses) * args.batch_size * args.gradient_accumulation_steps / max(seconds, 1e-9),
-        **loss_summary(loss_values(progress)),  # the whole run's, also after a resume
+        **loss_summary(common.loss_values(progress)),  # the whole run's, also after a resume
     }
     if accelerator.is_main_process:
         metrics["threshold"] = model.calibrate_threshold(
             calibration_images(paths, args.calibration_images), args.threshold_quantile
         )
         metrics["scale"] = float(model.scale.detach())
-        artifact = model.save(args.output_dir / ARTIFACT_DIR)
+        model.save_pretrained(args.output_dir / ARTIFACT_DIR)
         write_json_atomic(args.output_dir / METRICS_FILE, metrics)
-        if args.push_to_hub:
-            from hub.push import push_folder
-
-            push_folder(artifact, args.push_to_hub)
+    common.push_trained(model, args, accelerator, training_data=common.known_sources(args.data))
     accelerator.wait_for_everyone()
     return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    seed_everything(args.seed)
-    accelerator, progress = make_accelerator(args)
+    common.seed_everything(args.seed)
+    accelerator, progress = common.make_accelerator(args, "clip_ada")
     model = ClipADA(model_config(args))
     paths = list_normal_images(args.data)
     dataset = SyntheticAnomalies(paths, model.preprocess, args.synthesis, args.anomaly_prob, args.seed)
     generator = torch.Generator()
     loader = make_loader(dataset, args, generator)
     optimizer = make_optimizer(model, args)
-    scheduler = make_scheduler(optimizer, total_steps(args, len(loader)))
+    last_step = common.total_steps(args, len(loader))
+    scheduler = common.make_scheduler("multistep", optimizer, last_step, accelerator.num_processes,
+                               milestones=LR_MILESTONES, gamma=LR_DECAY)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    resume_if_asked(accelerator, args, progress)
+    common.resume_if_asked(accelerator, args, progress)
     started = time.perf_counter()
-    losses = train_loop(model, loader, optimizer, scheduler, accelerator, progress, args, generator)
+    batches = common.batches_from(loader, accelerator, progress.step * args.gradient_accumulation_steps, generator, seed=args.seed)
+    model.train()
+    losses = common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
+                        partial(segmentation_loss, model=model, args=args), args, last_step, "clip-ada")
     metrics = finish(accelerator, model, paths, args, progress, losses, time.perf_counter() - started)
     accelerator.end_training()
     return metrics

@@ -1,10 +1,14 @@
-"""What every training script shares: common flags, the Accelerator, checkpoints and resume.
+"""What every training script shares: flags, the Accelerator, the scheduler, the loop, checkpoints, logging
+and the push. Each script states only what differs: its data, its model and its loss.
 
 Checkpoints live under `<output-dir>/checkpoints/checkpoint_<n>` (models, optimizers, schedulers, the
 gradient scaler, RNG states, the step counter and the loss history), so `--resume latest` continues
 with the same step count, optimizer state and data order. They are written by `train.checkpoints`,
 not Accelerate's `save_state`: safetensors + JSON only, so resuming never unpickles anything, and
 each checkpoint appears under its name only once it is complete.
+`--report-to tensorboard` sends the loss and learning rate to `<output-dir>/logs/<script>/` through
+Accelerate's trackers. `--push-to-hub <repo>` pushes the saved artifact with its model card
+(defectclip.sharing), deleting remote files the new version no longer has.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 from train import checkpoints as ckpt
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "tensorboard")  # trackers the pinned requirements install
+LOGS_DIR = "logs"
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, lr: float) -> None:
@@ -43,7 +49,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, lr: flo
     group.add_argument("--seed", type=int, default=0, help="seed for weights, data order and synthesis")
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     group.add_argument("--log-every", type=int, default=10, help="log the loss every N steps")
-    group.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the final artifact to this Hub repo")
+    group.add_argument("--push-to-hub", default=None, metavar="REPO",
+                       help="push the final artifact with its model card to this Hub repo ('org/name')")
+    group.add_argument("--report-to", choices=REPORT_TO, default="none",
+                       help=f"tracker for loss and learning rate; tensorboard writes <output-dir>/{LOGS_DIR}/")
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -76,8 +85,10 @@ class Progress:
         self.loss_history = [[int(s), float(v)] for s, v in state.get("loss_history", [])]
 
 
-def make_accelerator(args: argparse.Namespace) -> tuple[Accelerator, Progress]:
-    project = ProjectConfiguration(project_dir=str(args.output_dir), total_limit=args.checkpoints_total_limit)
+def make_accelerator(args: argparse.Namespace, name: str) -> tuple[Accelerator, Progress]:
+    """The Accelerator with accumulation and (with --report-to) a tracker named `name`."""
+    project = ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(Path(args.output_dir) / LOGS_DIR),
+                                   total_limit=args.checkpoints_total_limit)
     # sync_with_dataloader=False: Accelerate would otherwise force an optimizer step at every epoch end,
     # which shifts the micro-batch count a resumed run uses to find its place in the data.
     accumulation = GradientAccumulationPlugin(num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False)
@@ -85,10 +96,20 @@ def make_accelerator(args: argparse.Namespace) -> tuple[Accelerator, Progress]:
         mixed_precision=args.mixed_precision,
         gradient_accumulation_plugin=accumulation,
         project_config=project,
+        log_with=None if args.report_to == "none" else args.report_to,
     )
     # The Progress is not registered with Accelerate: its save_state would pickle it and its load_state
     # would unpickle it (weights_only=False). It travels in the checkpoint's state.json instead.
+    if args.report_to != "none":
+        accelerator.init_trackers(name, config=tracker_config(args))
     return accelerator, Progress()
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """The run's flags as hyperparameters: TensorBoard takes only numbers, strings and booleans."""
+    plain = (int, float, str, bool)
+    return {key: value if isinstance(value, plain) else str(value) for key, value in vars(args).items()
+            if value is not None}
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -221,14 +242,138 @@ def maybe_checkpoint(accelerator: Accelerator, progress: Progress, args: argpars
         save_checkpoint(accelerator, progress, args.output_dir, args.checkpoints_total_limit)
 
 
-def log_loss(accelerator: Accelerator, progress: Progress, args, loss: float, bar=None) -> None:
-    """Show the loss, keep it in the run's history (saved with checkpoints) and log it every --log-every steps."""
-    if bar is not None:
-        bar.set_postfix(loss=f"{loss:.4f}")
-    progress.loss_history.append([progress.step, float(loss)])
-    if progress.step % args.log_every == 0:
-        accelerator.log({"loss": loss}, step=progress.step)
+# --------------------------------------------------------------------------------------------------
+# the scheduler
+
+
+SCHEDULES = ("cosine", "constant", "linear", "multistep")
+
+
+def make_scheduler(name: str, optimizer, total: int, num_processes: int, warmup: int = 0,
+                   milestones: tuple[float, ...] = (), gamma: float = 0.1):
+    """transformers' schedule `name` over this run's optimizer steps, or the step decay `multistep`
+    (x `gamma` at each fraction in `milestones` of the run), which transformers lacks.
+
+    A prepared scheduler is stepped once per process per optimizer step (Accelerate's default without
+    split_batches), so every horizon is counted in those steps: total x num_processes, for every script.
+    """
+    from transformers import get_scheduler
+
+    horizon, warmup = max(1, total * num_processes), warmup * num_processes
+    if name == "multistep":
+        steps = sorted({max(1, int(f * horizon)) for f in milestones})
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, step_decay(steps, gamma))
+    if name not in SCHEDULES:
+        raise SystemExit(f"Unknown learning-rate schedule {name!r}; use one of {SCHEDULES}.")
+    if name == "constant":
+        name = "constant_with_warmup" if warmup else "constant"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=horizon)
+
+
+def step_decay(milestones: list[int], gamma: float) -> Callable[[int], float]:
+    """A plain function (LambdaLR saves none in its state), so a resume follows this run's milestones."""
+    def factor(step: int) -> float:
+        return gamma ** sum(step >= m for m in milestones)
+    return factor
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_loop(accelerator: Accelerator, progress: Progress, model, optimizer, scheduler, batches: Iterator,
+               compute_loss: Callable[[object, int], torch.Tensor], args: argparse.Namespace, last_step: int,
+               desc: str) -> list[float]:
+    """Optimizer steps until `last_step`, `args.gradient_accumulation_steps` micro-batches each.
+
+    `compute_loss(batch, step)` is what a script adds. Each step's loss stays on the device until a log
+    or a checkpoint moves the pending ones into the run's history (one device read for all of them:
+    each read is a synchronisation). Returns the losses of the steps run here, averaged over processes.
+    """
+    from tqdm.auto import tqdm
+
+    first_step = progress.step
+    bar = tqdm(total=last_step, initial=progress.step, desc=desc, disable=not accelerator.is_local_main_process)
+    micro: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    while progress.step < last_step:
+        with accelerator.accumulate(model):
+            loss = compute_loss(next(batches), progress.step)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro.append(loss.detach().float())
+        if not accelerator.sync_gradients:
+            continue
+        progress.step += 1
+        pending.append(torch.stack(micro).mean())
+        micro = []
+        bar.update(1)
+        after_step(accelerator, progress, args, pending, scheduler, bar, last_step)
+    bar.close()
+    return [loss for step, loss in progress.loss_history if step > first_step]
+
+
+def after_step(accelerator: Accelerator, progress: Progress, args, pending: list[torch.Tensor], scheduler, bar,
+               last_step: int) -> None:
+    """Log every --log-every steps, checkpoint every --checkpointing-steps (and both at the last step)."""
+    logging = progress.step % args.log_every == 0 or progress.step == last_step
+    if logging or progress.step % args.checkpointing_steps == 0 or progress.step == last_step:
+        record_losses(accelerator, progress, pending)
+    if logging:
+        log_window(accelerator, progress, args, scheduler, bar)
+    maybe_checkpoint(accelerator, progress, args, last_step)
+
+
+def record_losses(accelerator: Accelerator, progress: Progress, pending: list[torch.Tensor]) -> None:
+    """Move the pending per-step losses (on the device) into the history a checkpoint saves."""
+    if not pending:
+        return
+    values = accelerator.reduce(torch.stack(pending), reduction="mean").tolist()
+    first = progress.step - len(values) + 1
+    progress.loss_history.extend([first + i, float(value)] for i, value in enumerate(values))
+    pending.clear()
+
+
+def log_window(accelerator: Accelerator, progress: Progress, args, scheduler, bar) -> None:
+    """The mean loss of the steps since the last log, to the progress bar and the trackers."""
+    since = progress.step - ((progress.step - 1) % args.log_every)
+    window = [loss for step, loss in progress.loss_history if step >= since]
+    if not window:
+        return
+    loss = sum(window) / len(window)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    accelerator.log({"loss": loss, "lr": scheduler.get_last_lr()[-1]}, step=progress.step)
 
 
 def loss_values(progress: Progress) -> list[float]:
     return [loss for _, loss in progress.loss_history]
+
+
+# --------------------------------------------------------------------------------------------------
+# the end
+
+
+def push_trained(artifact, args: argparse.Namespace, accelerator: Accelerator, *, training_data: tuple = (),
+                 datasets: tuple[str, ...] = ()) -> None:
+    """With --push-to-hub, push `artifact` through its export (files + model card); main process only.
+
+    The card names what the run knows: the known sources it trained on and Hub datasets it read.
+    """
+    if not args.push_to_hub or not accelerator.is_main_process:
+        return
+    from defectclip.sharing import CardInfo
+
+    card = CardInfo(repo_id=args.push_to_hub, training_data=tuple(training_data), datasets=tuple(datasets))
+    # The token comes from HF_TOKEN or the saved login: one on the command line would be visible in `ps`.
+    artifact.push_to_hub(args.push_to_hub, card=card, echo=accelerator.print)
+
+
+def known_sources(folders) -> tuple[str, ...]:
+    """The names of known sources (defectclip.region_dataset.KNOWN_SOURCES) among the training folders."""
+    from defectclip.region_dataset import KNOWN_SOURCES
+
+    names = {Path(folder).resolve().name for folder in folders}
+    names |= {Path(folder).resolve().parent.name for folder in folders}  # a category folder of a known root
+    return tuple(sorted(names & set(KNOWN_SOURCES)))

@@ -16,16 +16,13 @@ tab_config.json) plus metrics.json, and `checkpoints/` for `--resume latest`.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from defectclip.data import DataError, MVTecDataset
 from defectclip.io import write_json_atomic
@@ -34,23 +31,13 @@ from defectclip.tab import (
     HEADS, LOSSES, SYNTHESES, EpochShuffle, SyntheticPairs, TABBackbone, TABConfig, TABError, check_loss, pair_loss,
 )
 from defectclip.towers import TowerError, build_text_tower, build_vision_tower
-from train.common import (
-    add_common_args,
-    batches_from,
-    check_common_args,
-    checkpoint_dir,
-    log_loss,
-    make_accelerator,
-    maybe_checkpoint,
-    resume_if_asked,
-    seed_everything,
-    total_steps,
-)
+if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import common  # noqa: E402
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "constant")
 METRICS_NAME = "metrics.json"
-ARTIFACT_FILES = ("config.json", "model.safetensors", "projection.safetensors", "tab_config.json", METRICS_NAME)
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 1e-2}
 
 
@@ -86,9 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "still train). On by default: on magnetic_tile (one category, 16 images a step) the "
                           "trunk then matched or beat its ImageNet start in PatchCore and PaDiM, and fell "
                           "5-13 image-AUROC points below it without (benchmarks/results/tab.md)")
-    add_common_args(parser, batch_size=32, lr=0.01)
+    common.add_common_args(parser, batch_size=32, lr=0.01)
     args = parser.parse_args(argv)
-    check_common_args(args)
+    common.check_common_args(args)
     if args.image_size is not None and args.image_size < 32:
         raise SystemExit(f"--image-size must be at least 32 pixels, got {args.image_size}")
     check_fresh_output(args)
@@ -97,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_fresh_output(args: argparse.Namespace) -> None:
     """A new run into a folder that holds checkpoints would fail at its first save; say so at once."""
-    if not args.resume and any(checkpoint_dir(args.output_dir).glob("checkpoint_*")):
-        raise SystemExit(f"{checkpoint_dir(args.output_dir)} already holds checkpoints: pass --resume latest to "
+    if not args.resume and any(common.checkpoint_dir(args.output_dir).glob("checkpoint_*")):
+        raise SystemExit(f"{common.checkpoint_dir(args.output_dir)} already holds checkpoints: pass --resume latest to "
                          "continue that run, or choose another --output-dir.")
 
 
@@ -164,74 +151,40 @@ def build_optimizer(args: argparse.Namespace, model: TABBackbone) -> torch.optim
     return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def build_scheduler(args: argparse.Namespace, optimizer, total: int, num_processes: int):
-    """A plain function as the lambda, so the schedule follows this run's total steps even after a
-    resume with another --max-steps (LambdaLR keeps functions out of its saved state).
-
-    Accelerate steps a prepared scheduler once per process per optimizer step, hence the factor.
-    """
-    horizon = max(1, total * num_processes)
-
-    def factor(scheduler_step: int) -> float:
-        if args.lr_schedule == "constant":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(scheduler_step, horizon) / horizon))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # --------------------------------------------------------------------------------------------------
-# the loop
+# the loop: train.common's, with TAB's loss
 
 
-class LossLog:
-    """Per-step losses kept on the device and read back once per logging window, not every step
-    (each read is a device synchronisation)."""
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.pending: list[torch.Tensor] = []
-        self.history: list[tuple[int, float]] = []
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.pending.append(loss.detach())
-
-    def flush(self, step: int) -> float | None:
-        if not self.pending:
-            return None
-        mean = self.accelerator.reduce(torch.stack(self.pending).float().mean(), reduction="mean").item()
-        self.pending.clear()
-        self.history.append((step, mean))
-        return mean
-
-
-def train_loop(accelerator, progress, model, optimizer, scheduler, loader, sampler, text_vectors,
-               args, total: int) -> tuple[LossLog, int, float]:
-    """Run until `total` optimizer steps; returns the loss log, micro-batches run and seconds taken."""
+def run_steps(accelerator, progress, model, optimizer, scheduler, loader, sampler, text_vectors,
+              args, total: int) -> tuple[int, float]:
+    """Train until `total` optimizer steps; returns the micro-batches run and the seconds taken."""
     preprocess = accelerator.unwrap_model(model).preprocess
-    log = LossLog(accelerator)
     start_batch = progress.step * args.gradient_accumulation_steps
-    batches = batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch, seed=args.seed)
-    bar = tqdm(total=total, initial=progress.step, desc="TAB", disable=not accelerator.is_local_main_process)
+    batches = CountingIterator(common.batches_from(loader, accelerator, start_batch, sampler.generator, on_epoch=sampler.use_epoch,
+                                   seed=args.seed))
     model.train()
     if args.freeze_bn:
         freeze_batchnorm_statistics(model)
-    micro_batches, started = 0, time.perf_counter()
-    while progress.step < total:
-        with accelerator.accumulate(model):
-            loss = pair_loss(model, next(batches), text_vectors, args.loss, preprocess)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        log.add(loss)
-        micro_batches += 1
-        if accelerator.sync_gradients:
-            progress.step += 1
-            bar.update(1)
-            after_step(accelerator, progress, args, log, bar, total)
-    bar.close()
-    return log, micro_batches, time.perf_counter() - started
+    started = time.perf_counter()
+    common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
+                      lambda batch, step: pair_loss(model, batch, text_vectors, args.loss, preprocess),
+                      args, total, "TAB")
+    return batches.count, time.perf_counter() - started
+
+
+class CountingIterator:
+    """An iterator that counts what it hands out (the micro-batches of this run, for the throughput)."""
+
+    def __init__(self, iterator):
+        self.iterator, self.count = iterator, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.iterator)
+        self.count += 1
+        return item
 
 
 def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
@@ -241,14 +194,6 @@ def freeze_batchnorm_statistics(model: torch.nn.Module) -> int:
     for norm in norms:
         norm.eval()
     return len(norms)
-
-
-def after_step(accelerator, progress, args, log: LossLog, bar, total: int) -> None:
-    if progress.step % args.log_every == 0 or progress.step == total:
-        mean = log.flush(progress.step)
-        if mean is not None:
-            log_loss(accelerator, progress, args, mean, bar)
-    maybe_checkpoint(accelerator, progress, args, total)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +213,7 @@ def save_artifact(model: TABBackbone, output_dir: Path, metrics: dict, step: int
     staging = output_dir / STAGING_NAME
     shutil.rmtree(staging, ignore_errors=True)  # left by a run killed during its final save
     staging.mkdir()
-    model.write_files(staging, step)
+    model._write_artifact(staging, step=step)
     write_json_atomic(staging / METRICS_NAME, metrics)
     files = sorted(staging.iterdir(), key=lambda p: (p.name == METRICS_NAME, p.name))  # metrics.json last: "done"
     for file in files:
@@ -282,17 +227,7 @@ def fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def push_artifact(output_dir: Path, repo: str) -> None:
-    """Push the artifact files only: checkpoints are resumable state, not part of the model."""
-    from hub.push import push_folder
-
-    with tempfile.TemporaryDirectory(prefix="tab-push-") as folder:
-        for name in ARTIFACT_FILES:
-            shutil.copy2(output_dir / name, Path(folder) / name)
-        push_folder(folder, repo)
-
-
-def run_metrics(log: LossLog, progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
+def run_metrics(progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
     images = micro_batches * 2 * args.batch_size * accelerator.num_processes  # normal + synthetic
     return {
         # The whole run's history, kept in the checkpoints: a run resumed at its last step still has it.
@@ -330,24 +265,23 @@ def prepare_training(args, accelerator):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    accelerator, progress = make_accelerator(args)
-    seed_everything(args.seed)
+    accelerator, progress = common.make_accelerator(args, "tab_pretrain")
+    common.seed_everything(args.seed)
     model, dataset, text_vectors = prepare_training(args, accelerator)
     plain_loader = build_loader(dataset, args, torch.Generator())
     loader = accelerator.prepare(plain_loader)
-    total = total_steps(args, len(loader))
+    total = common.total_steps(args, len(loader))
     optimizer = build_optimizer(args, model)
-    scheduler = build_scheduler(args, optimizer, total, accelerator.num_processes)
+    scheduler = common.make_scheduler(args.lr_schedule, optimizer, total, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    resume_if_asked(accelerator, args, progress)
-    log, micro_batches, seconds = train_loop(accelerator, progress, model, optimizer, scheduler, loader,
-                                             plain_loader.sampler, text_vectors, args, total)
-    metrics = run_metrics(log, progress, micro_batches, seconds, args, accelerator)
+    common.resume_if_asked(accelerator, args, progress)
+    micro_batches, seconds = run_steps(accelerator, progress, model, optimizer, scheduler, loader,
+                                       plain_loader.sampler, text_vectors, args, total)
+    metrics = run_metrics(progress, micro_batches, seconds, args, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_artifact(accelerator.unwrap_model(model), args.output_dir, metrics, progress.step)
-        if args.push_to_hub:
-            push_artifact(args.output_dir, args.push_to_hub)
+    common.push_trained(accelerator.unwrap_model(model), args, accelerator, training_data=common.known_sources(args.data))
     accelerator.end_training()
     return metrics
 

@@ -22,6 +22,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -240,3 +241,78 @@ def load_index_mask(path: str | Path) -> np.ndarray:
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, sorted by name so every run sees the same order."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------------------------------
+# any accepted image -> tensor
+
+
+def image_to_tensor(item: Any) -> torch.Tensor:
+    """One image in any accepted form -> 3 x H x W float32 in [0, 1]: the one converter every model uses.
+
+    Accepted: a path (read with `load_image`, so a corrupt file raises a DataError naming it), a
+    3 x H x W tensor (float in [0, 1] or uint8), an H x W x 3 uint8 array, a PIL image, or a dataset
+    sample (anything with an `.image` tensor).
+    """
+    if isinstance(item, (str, Path)):
+        return load_image(item)
+    if isinstance(item, Image.Image):
+        return array_to_tensor(pil_to_rgb_array(item, "PIL image"))
+    if hasattr(item, "image") and isinstance(getattr(item, "image"), torch.Tensor):
+        return image_to_tensor(item.image)
+    if isinstance(item, np.ndarray):
+        return _array_image(item)
+    if isinstance(item, torch.Tensor):
+        return _tensor_image(item)
+    raise DataError(
+        f"Cannot use a {type(item).__name__} as an image; pass file paths, 3 x H x W tensors, "
+        "H x W x 3 uint8 arrays, PIL images or a dataset."
+    )
+
+
+def _check_pixels(height: int, width: int, what: str) -> None:
+    if height < 1 or width < 1:
+        raise DataError(f"The {what} is empty ({height} x {width} pixels).")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"The {what} is {width} x {height} = {height * width / 1e6:.0f} MP; at most "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP is scored (defectclip.data.images.MAX_IMAGE_PIXELS). Downscale it first."
+        )
+
+
+def _array_image(array: np.ndarray) -> torch.Tensor:
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise DataError(
+            f"Expected an H x W x 3 RGB array, got shape {tuple(array.shape)}. A grayscale or RGBA "
+            "image must be converted first: defectclip.data.load_image(path) reads any file as RGB."
+        )
+    if array.dtype != np.uint8:
+        raise DataError(f"Expected a uint8 H x W x 3 array (0-255), got {array.dtype}; pass floats as a 3 x H x W tensor.")
+    _check_pixels(array.shape[0], array.shape[1], "image array")
+    return array_to_tensor(array)
+
+
+def _tensor_image(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dim() != 3 or tensor.shape[0] != 3:
+        channels = tensor.shape[0] if tensor.dim() == 3 else "no channel axis"
+        raise DataError(
+            f"Expected an RGB image tensor shaped 3 x H x W, got {tuple(tensor.shape)} ({channels} channels). "
+            "Grayscale images need 3 channels: defectclip.data.load_image(path) converts any file to RGB, "
+            "or repeat the channel with image.expand(3, -1, -1)."
+        )
+    _check_pixels(tensor.shape[1], tensor.shape[2], "image tensor")
+    if tensor.dtype == torch.uint8:
+        return tensor.detach().cpu().float().div_(255.0)
+    if not tensor.is_floating_point():
+        raise DataError(f"Expected a float (0-1) or uint8 image tensor, got {tensor.dtype}.")
+    image = tensor.detach().float().cpu()
+    finite = torch.isfinite(image)
+    if not bool(finite.all()):
+        raise DataError(
+            f"The image tensor holds {int((~finite).sum())} NaN or infinite values; every pixel must be a finite 0-1 value."
+        )
+    low, high = float(image.min()), float(image.max())
+    if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
+        hint = " It looks like 0-255 values: divide by 255." if high > 1.5 else ""
+        raise DataError(f"Float image tensors must hold values in [0, 1]; this one spans {low:g}..{high:g}.{hint}")
+    return image.clamp_(0.0, 1.0)

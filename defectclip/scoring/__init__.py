@@ -1,7 +1,8 @@
 """Anomaly scorers on frozen vision towers: PatchCore and PaDiM (DESIGN.md "scoring/").
 
 Both follow one interface: `fit(normal images or a dataset)`, `calibrate(val images, labels)`,
-`predict(images) -> list[AnomalyResult]`, `save(folder)` / `Class.load(folder)`.
+`predict(images) -> list[AnomalyResult]`, `save_pretrained(folder)` / `Class.from_pretrained(folder or org/repo)`;
+`FeatureScorer.from_pretrained` loads either, by the saved `model_type`.
 """
 
 from .common import FeatureScorer, ScoringError, calibrate_threshold, default_layers, gaussian_blur, load_config
@@ -12,15 +13,8 @@ from .patchcore import PatchCore, greedy_k_center, nearest_neighbours, select_co
 SCORERS = {"patchcore": PatchCore, "padim": PaDiM}
 
 
-def load_scorer(folder, **load_options) -> FeatureScorer:
-    """Load a saved PatchCore or PaDiM folder, whichever it holds (options: see FeatureScorer.load)."""
-    model_type = load_config(folder).get("model_type")
-    if not isinstance(model_type, str) or model_type not in SCORERS:
-        raise ScoringError(f"{folder} holds a {model_type!r} model; expected one of {sorted(SCORERS)}.")
-    return SCORERS[model_type].load(folder, **load_options)
-
-
 __all__ = [
-    "FeatureScorer", "InputPlan", "MAX_IMAGE_PIXELS", "PaDiM", "PatchCore", "SCORERS", "ScoringError", "calibrate_threshold", "default_layers",
-    "gaussian_blur", "greedy_k_center", "load_scorer", "nearest_neighbours", "parse_plan", "select_coreset",
+    "FeatureScorer", "InputPlan", "MAX_IMAGE_PIXELS", "PaDiM", "PatchCore", "SCORERS", "ScoringError",
+    "calibrate_threshold", "default_layers", "gaussian_blur", "greedy_k_center", "nearest_neighbours", "parse_plan",
+    "select_coreset",
 ]

@@ -29,10 +29,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..data import Preprocess, array_to_tensor, load_image, normalize, pil_to_rgb_array, resize
-from ..data.images import MAX_IMAGE_PIXELS
+from ..artifacts import Artifact
+from ..data import Preprocess, image_to_tensor, normalize, resize
 from ..errors import ArtifactError, DefectclipError
-from ..io import atomic_dir, read_json_object, write_json_atomic
+from ..io import read_json_object, write_json_atomic
 from ..metrics import f1_max
 from ..results import AnomalyResult
 from ..schema import MAX_SIGMA, Config, check_number, check_preprocess, check_tensor, confine_local_dir
@@ -45,7 +45,6 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 DEFAULT_SIGMA = 4.0
 DEFAULT_QUANTILE = 0.99
-FLOAT_TOLERANCE = 1e-3  # resampling overshoot, not a different value convention
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,77 +123,6 @@ def build_tower(tower: str | VisionTower) -> VisionTower:
 # image input
 
 
-def as_image_tensor(item: Any) -> torch.Tensor:
-    """One image in any accepted form -> 3 x H x W float32 in [0, 1].
-
-    Accepted: a path (read with `load_image`, so a corrupt file raises a DataError naming it), a
-    3 x H x W tensor (float in [0, 1] or uint8), an H x W x 3 uint8 array, a PIL image, or a dataset
-    sample (anything with an `.image` tensor).
-    """
-    if isinstance(item, (str, Path)):
-        return load_image(item)
-    if isinstance(item, Image.Image):
-        return array_to_tensor(pil_to_rgb_array(item, "PIL image"))
-    if hasattr(item, "image") and isinstance(getattr(item, "image"), torch.Tensor):
-        return as_image_tensor(item.image)
-    if isinstance(item, np.ndarray):
-        return _array_image(item)
-    if isinstance(item, torch.Tensor):
-        return _tensor_image(item)
-    raise ScoringError(
-        f"Cannot use a {type(item).__name__} as an image; pass file paths, 3 x H x W tensors, "
-        "H x W x 3 uint8 arrays, PIL images or a dataset."
-    )
-
-
-def _check_pixels(height: int, width: int, what: str) -> None:
-    if height < 1 or width < 1:
-        raise ScoringError(f"The {what} is empty ({height} x {width} pixels).")
-    if height * width > MAX_IMAGE_PIXELS:
-        raise ScoringError(
-            f"The {what} is {width} x {height} = {height * width / 1e6:.0f} MP; at most "
-            f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP is scored (defectclip.data.images.MAX_IMAGE_PIXELS). Downscale it first."
-        )
-
-
-def _array_image(array: np.ndarray) -> torch.Tensor:
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ScoringError(
-            f"Expected an H x W x 3 RGB array, got shape {tuple(array.shape)}. A grayscale or RGBA "
-            "image must be converted first: defectclip.data.load_image(path) reads any file as RGB."
-        )
-    if array.dtype != np.uint8:
-        raise ScoringError(f"Expected a uint8 H x W x 3 array (0-255), got {array.dtype}; pass floats as a 3 x H x W tensor.")
-    _check_pixels(array.shape[0], array.shape[1], "image array")
-    return array_to_tensor(array)
-
-
-def _tensor_image(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.dim() != 3 or tensor.shape[0] != 3:
-        channels = tensor.shape[0] if tensor.dim() == 3 else "no channel axis"
-        raise ScoringError(
-            f"Expected an RGB image tensor shaped 3 x H x W, got {tuple(tensor.shape)} ({channels} channels). "
-            "Grayscale images need 3 channels: defectclip.data.load_image(path) converts any file to RGB, "
-            "or repeat the channel with image.expand(3, -1, -1)."
-        )
-    _check_pixels(tensor.shape[1], tensor.shape[2], "image tensor")
-    if tensor.dtype == torch.uint8:
-        return tensor.detach().cpu().float().div_(255.0)
-    if not tensor.is_floating_point():
-        raise ScoringError(f"Expected a float (0-1) or uint8 image tensor, got {tensor.dtype}.")
-    image = tensor.detach().float().cpu()
-    finite = torch.isfinite(image)
-    if not bool(finite.all()):
-        raise ScoringError(
-            f"The image tensor holds {int((~finite).sum())} NaN or infinite values; every pixel must be a finite 0-1 value."
-        )
-    low, high = float(image.min()), float(image.max())
-    if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
-        hint = " It looks like 0-255 values: divide by 255." if high > 1.5 else ""
-        raise ScoringError(f"Float image tensors must hold values in [0, 1]; this one spans {low:g}..{high:g}.{hint}")
-    return image.clamp_(0.0, 1.0)
-
-
 def is_dataset(source: Any) -> bool:
     """Dataset readers (MVTecDataset, IndexMaskDataset, any torch Dataset of samples)."""
     return isinstance(source, torch.utils.data.Dataset) and hasattr(source, "__len__")
@@ -262,7 +190,7 @@ def iter_view_groups(
     group = ViewGroup([], [])
     for index in range(len(images)):
         item = images[index]
-        image = as_image_tensor(item)
+        image = image_to_tensor(item)
         try:
             check_image_size(image, min_size, spec)
         except ScoringError as err:
@@ -533,17 +461,10 @@ def _midway_below(scores: np.ndarray, threshold: float) -> float:
 # artifact folders
 
 
-def write_model_folder(folder: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """config.json + model.safetensors, built in a temporary folder and renamed into place."""
-    folder = Path(folder)
-    if folder.exists() and not _is_replaceable(folder):
-        raise ScoringError(
-            f"{folder} exists and holds other files than a saved model; choose an empty or new folder."
-        )
-    with atomic_dir(folder) as staging:
-        write_json_atomic(staging / CONFIG_NAME, config)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / WEIGHTS_NAME))
-    return folder
+def write_model_files(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """config.json + model.safetensors into a (staging) folder."""
+    write_json_atomic(folder / CONFIG_NAME, config)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
 
 
 def _is_replaceable(folder: Path) -> bool:
@@ -610,17 +531,19 @@ def json_threshold(threshold: float | None) -> float | None:
 # the shared scorer
 
 
-class FeatureScorer(abc.ABC):
+class FeatureScorer(Artifact, abc.ABC):
     """Base of PatchCore and PaDiM: input handling, batching, maps, calibration, save/load.
 
     Subclasses set `model_type`, `default_reductions`, `local_average`, and implement `_fit_batches`,
-    `_score_patches`, `_state_tensors`, `_set_state`, `_method_config` and `_from_config`.
+    `_score_patches`, `_state_tensors`, `_set_state` and `_method_config`; `constructor_keys` names the
+    saved config entries their constructor takes besides the shared ones.
     """
 
     model_type: ClassVar[str]
     default_reductions: ClassVar[tuple[int, ...]]
     local_average: ClassVar[bool]
     method_config_keys: ClassVar[set[str]]
+    constructor_keys: ClassVar[tuple[str, ...]]
     state_keys: ClassVar[set[str]]
 
     def __init__(
@@ -758,10 +681,18 @@ class FeatureScorer(abc.ABC):
 
     # ---- saving and loading
 
-    def save(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path) -> Path:
         """Write config.json + model.safetensors to `folder` (atomically; never pickle)."""
         self._require_fitted()
-        return write_model_folder(folder, self._config(), self._state_tensors())
+        folder = Path(folder)
+        if folder.exists() and not _is_replaceable(folder):
+            raise ScoringError(
+                f"{folder} exists and holds other files than a saved model; choose an empty or new folder."
+            )
+        return super().save_pretrained(folder)
+
+    def _write_artifact(self, folder: Path, **options: Any) -> None:
+        write_model_files(folder, self._config(), self._state_tensors())
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -779,17 +710,25 @@ class FeatureScorer(abc.ABC):
             **self._method_config(),
         }
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "model_type" in cls.__dict__:
+            SCORER_TYPES[cls.model_type] = cls
+
     @classmethod
-    def load(
-        cls, folder: str | Path, device: str | torch.device | None = "auto", tower: VisionTower | None = None,
+    def _read_artifact(
+        cls, folder: Path, device: str | torch.device | None = "auto", tower: VisionTower | None = None,
         root: str | Path | None = None, allow_absolute_tower: bool = True,
     ) -> "FeatureScorer":
         """Read a saved model; the tower is rebuilt from its spec unless a built one is passed.
 
+        Called on FeatureScorer itself, the folder's `model_type` picks the class (PatchCore or PaDiM).
         Every config entry is checked (types, ranges, finite numbers) and every tensor against the
         config and the tower before anything is used. A `local-dir:` tower must lie inside `root`
         (default: `folder`); `allow_absolute_tower=False` also refuses absolute paths (downloads).
         """
+        if "model_type" not in cls.__dict__:
+            return scorer_class(folder)._read_artifact(folder, device, tower, root, allow_absolute_tower)
         config_keys = BASE_CONFIG_KEYS | cls.method_config_keys
         config, tensors = read_model_folder(folder, cls.model_type, config_keys, cls.state_keys)
         schema = Config(config, Path(folder) / CONFIG_NAME)
@@ -852,9 +791,11 @@ class FeatureScorer(abc.ABC):
         """The method's own config.json entries."""
 
     @classmethod
-    @abc.abstractmethod
     def _from_config(cls, config: dict[str, Any], tower: VisionTower, preprocess: Preprocess, device) -> "FeatureScorer":
         """Construct the method's scorer from a saved config, before its state is set."""
+        own = {key: config[key] for key in cls.constructor_keys}
+        return cls(tower, layers=config["layers"], image_size=preprocess.size, sigma=config["sigma"],
+                   seed=config["seed"], device=device, plan=config.get("plan"), **own)
 
 
 BASE_CONFIG_KEYS = {
@@ -865,6 +806,17 @@ BASE_CONFIG_KEYS = {
 OPTIONAL_CONFIG_KEYS = {"plan"}  # absent = the resize plan, the only one there was
 
 
+# model_type -> class, filled as PatchCore and PaDiM are defined.
+SCORER_TYPES: dict[str, type[FeatureScorer]] = {}
+
+
 def load_config(folder: str | Path) -> dict[str, Any]:
     """The config.json of a saved scorer (to find out which class loads it)."""
     return read_json_object(Path(folder) / CONFIG_NAME, "a saved PatchCore / PaDiM")
+
+
+def scorer_class(folder: Path) -> type[FeatureScorer]:
+    model_type = load_config(folder).get("model_type")
+    if not isinstance(model_type, str) or model_type not in SCORER_TYPES:
+        raise ScoringError(f"{folder} holds a {model_type!r} model; expected one of {sorted(SCORER_TYPES)}.")
+    return SCORER_TYPES[model_type]

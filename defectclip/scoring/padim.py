@@ -16,7 +16,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..data import Preprocess
 from ..towers import OFFLINE_VISION, VisionTower
 from ..errors import ArtifactError
 from ..schema import Config, check_tensor
@@ -100,14 +99,14 @@ class PaDiM(FeatureScorer):
     local_average = False
     method_config_keys = {"d", "epsilon", "feature_dim", "grid"}
     state_keys = {"mean", "precision", "channels"}
+    constructor_keys = ("d", "epsilon")
 
     def __init__(
         self,
         tower: str | VisionTower = OFFLINE_VISION,
         layers: Sequence[str] | None = None,
         image_size: int | Sequence[int] | None = None,
-        d: int | None = None,
-        epsilon: float = DEFAULT_EPSILON,
+        d: int | None = None, epsilon: float = DEFAULT_EPSILON,  # PaDiM's own: kept channels, covariance floor
         sigma: float = DEFAULT_SIGMA,
         seed: int = 0,
         device: str | torch.device | None = "auto",
@@ -204,17 +203,3 @@ class PaDiM(FeatureScorer):
 
     def _method_config(self) -> dict[str, Any]:
         return {"d": self.d, "epsilon": self.epsilon, "feature_dim": self.feature_dim, "grid": list(self.grid)}
-
-    @classmethod
-    def _from_config(cls, config: dict[str, Any], tower: VisionTower, preprocess: Preprocess, device) -> "PaDiM":
-        return cls(
-            tower,
-            layers=config["layers"],
-            image_size=preprocess.size,
-            d=config["d"],
-            epsilon=config["epsilon"],
-            sigma=config["sigma"],
-            seed=config["seed"],
-            device=device,
-            plan=config.get("plan"),
-        )

@@ -21,7 +21,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..data import Preprocess
 from ..towers import OFFLINE_VISION, VisionTower
 from ..errors import ArtifactError
 from ..schema import Config, check_tensor
@@ -211,7 +210,7 @@ class PatchCore(FeatureScorer):
     >>> model = PatchCore("offline:efficientnet_lite0", image_size=256).fit(normal_images)
     >>> model.calibrate(val_images, val_labels)
     >>> results = model.predict(test_images)          # list of AnomalyResult
-    >>> model.save("runs/patchcore-tile"); PatchCore.load("runs/patchcore-tile")
+    >>> model.save_pretrained("runs/patchcore-tile"); PatchCore.from_pretrained("runs/patchcore-tile")
     """
 
     model_type = "patchcore"
@@ -219,6 +218,7 @@ class PatchCore(FeatureScorer):
     local_average = True
     method_config_keys = {"coreset_ratio", "projection_dim", "reweight", "num_neighbors", "bank_size", "feature_dim", "coreset_radius"}
     state_keys = {"memory_bank"}
+    constructor_keys = ("coreset_ratio", "projection_dim", "reweight", "num_neighbors")
 
     def __init__(
         self,
@@ -302,21 +302,6 @@ class PatchCore(FeatureScorer):
             "coreset_radius": self.coreset_radius,
         }
 
-    @classmethod
-    def _from_config(cls, config: dict[str, Any], tower: VisionTower, preprocess: Preprocess, device) -> "PatchCore":
-        return cls(
-            tower,
-            layers=config["layers"],
-            image_size=preprocess.size,
-            coreset_ratio=config["coreset_ratio"],
-            projection_dim=config["projection_dim"],
-            sigma=config["sigma"],
-            reweight=config["reweight"],
-            num_neighbors=config["num_neighbors"],
-            seed=config["seed"],
-            device=device,
-            plan=config.get("plan"),
-        )
 
 
 def flatten_patches(embedding: torch.Tensor) -> torch.Tensor:

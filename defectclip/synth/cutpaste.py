@@ -173,26 +173,14 @@ def _paste_directly(image: np.ndarray, patch: np.ndarray, box: PatchBox) -> np.n
     return patch
 
 
-def cutpaste(
-    image: np.ndarray,
-    source: np.ndarray,
-    rng: RngLike = None,
-    *,
-    n_patches: tuple[int, int] = (1, 3),
-    patch_scale: tuple[float, float] = (0.05, 0.4),
-    aspect_ratio: tuple[float, float] = (1 / 3, 3.0),
-    source_scale: tuple[float, float] = (0.75, 1.33),
-    min_target_std: float | None = None,
-    max_tries: int = 10,
-) -> tuple[np.ndarray, np.ndarray]:
+def cutpaste(image: np.ndarray, source: np.ndarray, rng: RngLike = None, **options) -> tuple[np.ndarray, np.ndarray]:
     """Paste 1-3 random rectangles cut from `source` into `image` with hard edges.
 
     image, source: uint8 (H, W, 3) RGB or gray (H, W) / (H, W, 1), each side >= 16 px; sizes may
     differ. Pass `source=image` for classic same-image CutPaste. rng: Generator, seed or None.
-    Options are described on `PatchSampling`.
+    Options (keywords) are the fields of `PatchSampling`.
 
     Returns (anomalous image with the same shape and dtype as `image`, H x W bool mask of exactly the
     pixels whose value changed).
     """
-    sampling = PatchSampling(n_patches, patch_scale, aspect_ratio, source_scale, min_target_std, max_tries)
-    return synthesize_with_patches(image, source, rng, sampling, _paste_directly)
+    return synthesize_with_patches(image, source, rng, PatchSampling(**options), _paste_directly)

@@ -31,28 +31,16 @@ def poisson_paste(image: np.ndarray, patch: np.ndarray, box: PatchBox) -> np.nda
     return blended[box.slices]
 
 
-def nsa(
-    image: np.ndarray,
-    source: np.ndarray,
-    rng: RngLike = None,
-    *,
-    n_patches: tuple[int, int] = (1, 3),
-    patch_scale: tuple[float, float] = (0.05, 0.4),
-    aspect_ratio: tuple[float, float] = (1 / 3, 3.0),
-    source_scale: tuple[float, float] = (0.75, 1.33),
-    min_target_std: float | None = None,
-    max_tries: int = 10,
-) -> tuple[np.ndarray, np.ndarray]:
+def nsa(image: np.ndarray, source: np.ndarray, rng: RngLike = None, **options) -> tuple[np.ndarray, np.ndarray]:
     """Blend 1-3 random patches cut from `source` into `image` with Poisson image editing.
 
     image, source: uint8 (H, W, 3) RGB or gray (H, W) / (H, W, 1), each side >= 16 px; sizes may
     differ; `source` should be another normal image of the same category. A gray image (all channels
-    equal) receives gray patches. rng: Generator, seed or None. Options are described on
-    `PatchSampling` (patch side 5-40% of the image by default; set `min_target_std`, e.g. 5.0, to keep
+    equal) receives gray patches. rng: Generator, seed or None. Options (keywords) are the
+    fields of `PatchSampling` (patch side 5-40% of the image by default; set `min_target_std`, e.g. 5.0, to keep
     patches off plain background).
 
     Returns (anomalous image with the same shape and dtype as `image`, H x W bool mask of exactly the
     pixels whose value changed).
     """
-    sampling = PatchSampling(n_patches, patch_scale, aspect_ratio, source_scale, min_target_std, max_tries)
-    return synthesize_with_patches(image, source, rng, sampling, poisson_paste)
+    return synthesize_with_patches(image, source, rng, PatchSampling(**options), poisson_paste)

@@ -12,18 +12,7 @@ import math
 
 import numpy as np
 
-from defectclip.synth._images import (
-    RngLike,
-    changed_pixels,
-    check_int_range,
-    check_positive_int,
-    check_range,
-    like_input,
-    make_rng,
-    match_color_mode,
-    resize_rgb,
-    to_rgb,
-)
+from defectclip.synth import _images as images  # the image helpers every synthesis shares
 
 # If every noise draw stays under the threshold (likely on tiny images or with a high threshold), the
 # top this-fraction of the last draw becomes the region, so a call always yields an anomaly.
@@ -63,7 +52,7 @@ def _gradient_noise(u: np.ndarray, v: np.ndarray, gradients: np.ndarray) -> np.n
 def perlin_noise(
     shape: tuple[int, int],
     resolution: tuple[float, float],
-    rng: RngLike = None,
+    rng: images.RngLike = None,
     *,
     angle: float = 0.0,
 ) -> np.ndarray:
@@ -76,7 +65,7 @@ def perlin_noise(
     res_y, res_x = (float(r) for r in resolution)
     if height < 1 or width < 1 or res_y <= 0 or res_x <= 0:
         raise ValueError(f"shape and resolution must be positive; got {shape!r}, {resolution!r}")
-    generator = make_rng(rng)
+    generator = images.make_rng(rng)
     # Pixel centres in unit coordinates centred on the image, so the rotation pivots on the centre.
     y, x = np.meshgrid(
         (np.arange(height) + 0.5) / height - 0.5, (np.arange(width) + 0.5) / width - 0.5, indexing="ij"
@@ -97,7 +86,7 @@ def perlin_noise(
 def fractal_noise(
     shape: tuple[int, int],
     resolution: tuple[float, float],
-    rng: RngLike = None,
+    rng: images.RngLike = None,
     *,
     octaves: int = 1,
     persistence: float = 0.5,
@@ -107,8 +96,8 @@ def fractal_noise(
 
     One octave is plain Perlin noise (DRAEM's choice); more add fine detail to the region outlines.
     """
-    octaves = check_positive_int("octaves", octaves)
-    generator = make_rng(rng)
+    octaves = images.check_positive_int("octaves", octaves)
+    generator = images.make_rng(rng)
     total = np.zeros(shape, dtype=np.float32)
     for octave in range(octaves):
         scale = 2.0**octave
@@ -143,7 +132,7 @@ def blend_texture(image: np.ndarray, texture: np.ndarray, region: np.ndarray, be
 def perlin(
     image: np.ndarray,
     texture: np.ndarray,
-    rng: RngLike = None,
+    rng: images.RngLike = None,
     *,
     scale_exponents: tuple[int, int] = (0, 5),
     threshold: float = 0.5,
@@ -166,17 +155,17 @@ def perlin(
     Returns (anomalous image with the same shape and dtype as `image`, H x W bool mask of exactly the
     pixels whose value changed).
     """
-    target = to_rgb(image, "image")
-    filler = match_color_mode(to_rgb(texture, "texture", min_side=1), target)
-    low_beta, high_beta = check_range("beta_range", beta_range, 0.0, 1.0)
-    exponents = check_int_range("scale_exponents", scale_exponents, lower=0)
-    tries = check_positive_int("max_tries", max_tries)
-    octaves = check_positive_int("octaves", octaves)
+    target = images.to_rgb(image, "image")
+    filler = images.match_color_mode(images.to_rgb(texture, "texture", min_side=1), target)
+    low_beta, high_beta = images.check_range("beta_range", beta_range, 0.0, 1.0)
+    exponents = images.check_int_range("scale_exponents", scale_exponents, lower=0)
+    tries = images.check_positive_int("max_tries", max_tries)
+    octaves = images.check_positive_int("octaves", octaves)
     if not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number; got {threshold!r}")
-    generator = make_rng(rng)
+    generator = images.make_rng(rng)
     height, width = target.shape[:2]
-    filler = resize_rgb(filler, height, width)
+    filler = images.resize_rgb(filler, height, width)
 
     for _ in range(tries):
         noise = _random_noise_map((height, width), generator, exponents, octaves, rotate)
@@ -185,9 +174,9 @@ def perlin(
         if not region.any():
             continue
         output = blend_texture(target, filler, region, beta)
-        mask = changed_pixels(target, output)
+        mask = images.changed_pixels(target, output)
         if mask.any():
-            return like_input(output, image), mask
+            return images.like_input(output, image), mask
     region = noise >= np.quantile(noise, 1.0 - FALLBACK_REGION_FRACTION)
     output = blend_texture(target, filler, region, generator.uniform(low_beta, high_beta))
-    return like_input(output, image), changed_pixels(target, output)
+    return images.like_input(output, image), images.changed_pixels(target, output)

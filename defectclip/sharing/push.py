@@ -7,7 +7,6 @@ kept unless `force=True` (see `_remote_readme_state` for how "edited" is decided
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -15,10 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import DefectclipError
+
 REPO_TYPES = ("model", "dataset", "space")
 ORG_ENV_VAR = "DEFECTCLIP_ORG"
 DEFAULT_ORG = "defectclip"
 README = "README.md"
+KEPT_REMOTE_FILES = frozenset({".gitattributes", README})
 SPACE_SDK = "gradio"
 # Written into the description of every commit that carries our README; see `_remote_readme_state`.
 README_MARKER = "defectclip-readme-sha1"
@@ -31,29 +33,7 @@ _IGNORED_PREFIXES = (".cache/huggingface/",)
 _IGNORED_SUFFIXES = (".pyc",)
 
 
-TOKEN_HELP = "not accepted: set HF_TOKEN or run `hf auth login` (a token in argv is visible in `ps`)"
-
-
-class RefuseTokenArgument(argparse.Action):
-    """`--token` is refused: a secret in argv is visible to every user in `ps` and kept in shell history.
-
-    The push reads the token the way huggingface_hub does: HF_TOKEN, else the saved login.
-    """
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(
-            f"{option_string} is not accepted: a token on the command line is visible to every user of this "
-            "machine in `ps` and stays in shell history. Set HF_TOKEN in the environment, or run "
-            "`hf auth login` once."
-        )
-
-
-def add_token_argument(parser: argparse.ArgumentParser) -> None:
-    """`--token` kept only to explain where the token goes now (args.token stays None)."""
-    parser.add_argument("--token", action=RefuseTokenArgument, nargs="?", default=None, help=TOKEN_HELP)
-
-
-class FolderError(ValueError):
+class FolderError(DefectclipError):
     """The folder to push is missing, not a folder, or holds nothing to push."""
 
 
@@ -166,16 +146,40 @@ def _remote_readme_state(api, repo_id: str, repo_type: str, head: str, local_sha
     return "edited"
 
 
+def remote_readme_is_ours(repo_id: str, repo_type: str, token: str | None = None, endpoint: str | None = None) -> bool:
+    """True when the repo has no README.md, or the one defectclip last pushed and nobody edited since: a push
+    that lets another tool rewrite the README first (DatasetDict.push_to_hub adds its dataset_info) asks this
+    beforehand, and may then replace that README with its own card without overriding a person's edit."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    api = HfApi(endpoint=endpoint, token=token, library_name="defectclip")
+    try:
+        head = api.repo_info(repo_id, repo_type=repo_type).sha
+    except RepositoryNotFoundError:
+        return True
+    return _remote_readme_state(api, repo_id, repo_type, head, local_sha1="") in ("absent", "ours")
+
+
 def _commit_text(repo_type: str, files: list[LocalFile], readme_sha1: str | None, message: str | None):
     title = message or f"Push {repo_type} with defectclip ({len(files)} file(s))"
     description = f"{README_MARKER}: {readme_sha1}" if readme_sha1 else ""
     return title, description
 
 
+def stale_remote_files(api, repo_id: str, repo_type: str, head: str, local: set[str]) -> list[str]:
+    """Files on the Hub that the new version does not have (an old metrics.json, a renamed shard): a push that
+    kept them would publish an artifact that never existed locally. `.gitattributes` and README.md (decided
+    apart) stay."""
+    remote = api.list_repo_files(repo_id, repo_type=repo_type, revision=head)
+    return sorted(path for path in remote if path not in local and path not in KEPT_REMOTE_FILES)
+
+
 def _push_once(api, folder_files: list[LocalFile], repo_id: str, repo_type: str, *, force: bool,
-               private: bool | None, commit_message: str | None, echo: Callable[[str], None]) -> PushResult:
+               private: bool | None, commit_message: str | None, echo: Callable[[str], None],
+               delete_stale: bool = False) -> PushResult:
     """Create the repo if needed, decide about README.md, and make one commit. Safe to call again on failure."""
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True,
                     space_sdk=SPACE_SDK if repo_type == "space" else None)
@@ -196,6 +200,11 @@ def _push_once(api, folder_files: list[LocalFile], repo_id: str, repo_type: str,
                                       commit_message)
     # Fresh operations on every attempt: huggingface_hub mutates them while committing.
     operations = [CommitOperationAdd(f.path_in_repo, str(f.local_path)) for f in to_upload]
+    if delete_stale:
+        stale = stale_remote_files(api, repo_id, repo_type, head, {f.path_in_repo for f in folder_files})
+        operations += [CommitOperationDelete(path) for path in stale]
+        if stale:
+            echo(f"Deleting {len(stale)} file(s) the new version no longer has: {', '.join(stale)}")
     # parent_commit makes the Hub refuse the commit if someone committed after our README check.
     info = api.create_commit(repo_id, operations, commit_message=title, commit_description=description,
                              repo_type=repo_type, parent_commit=head)
@@ -249,6 +258,7 @@ def push_folder(
     token: str | None = None,
     commit_message: str | None = None,
     endpoint: str | None = None,
+    delete_stale: bool = True,
     retry: RetryPolicy = RetryPolicy(),
     echo: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
@@ -258,7 +268,8 @@ def push_folder(
     `repo_id` without a namespace goes to $DEFECTCLIP_ORG (default `defectclip`). `dry_run` lists the files
     through `echo` and makes no network call. A README.md edited on the Hub is kept unless `force`.
     `private` applies when the repo is created; `token` and `endpoint` default to huggingface_hub's own
-    (HF_TOKEN / the saved login, HF_ENDPOINT).
+    (HF_TOKEN / the saved login, HF_ENDPOINT). `delete_stale` (default) deletes, in the same commit, remote files the
+    folder does not have (a README.md kept as edited on the Hub stays).
     """
     if repo_type not in REPO_TYPES:
         raise ValueError(f"repo_type must be one of {REPO_TYPES}, got {repo_type!r}")
@@ -275,7 +286,7 @@ def push_folder(
     api = HfApi(endpoint=endpoint, token=token, library_name="defectclip")
     result = with_retries(
         lambda: _push_once(api, files, repo_id, repo_type, force=force, private=private,
-                           commit_message=commit_message, echo=echo),
+                           commit_message=commit_message, echo=echo, delete_stale=delete_stale),
         retry, echo, sleep,
     )
     pushed = len(files) - (1 if result.readme_kept else 0)

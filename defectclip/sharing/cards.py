@@ -1,4 +1,5 @@
-"""Model cards (README.md) for exported artifacts, rendered from the Jinja templates in cards/.
+"""Model cards (README.md) for exported artifacts, rendered from the Jinja template that travels with
+the package (defectclip/sharing/templates/model_card.md.j2), so an installed copy renders them too.
 
 A card says what the model is, what it is for, how to load it (code blocks that run as written once the
 repo exists: the tests execute them), what it was trained on (licence, citation), how it scored, where it
@@ -20,19 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defectclip.towers import OFFLINE_TEXT, OFFLINE_VISION, split_spec
-from hub.datasets import KNOWN_SOURCES, SourceInfo
-from hub.push import resolve_repo_id
+from ..errors import DefectclipError
+from ..region_dataset import KNOWN_SOURCES, SourceInfo
+from ..towers import OFFLINE_TEXT, OFFLINE_VISION, split_spec
+from .push import resolve_repo_id
 
-CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
-MODEL_CARD_TEMPLATE = CARDS_DIR / "model_card.md.j2"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md.j2"
 KINDS = ("tab", "scorer", "describer", "clip_ada", "pipeline")
 PROJECT_LICENSE = "apache-2.0"
 NON_COMMERCIAL = "cc-by-nc-4.0"
 PERMISSIVE_LICENSES = frozenset({"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0"})
 
 
-class CardError(ValueError):
+class CardError(DefectclipError):
     """A card that cannot be written truthfully: a missing benchmark number, an unknown dataset, ..."""
 
 
@@ -48,6 +49,7 @@ class BaseWeights:
     license_id: str  # the Hub's licence identifier ("apache-2.0", "mit", "cc-by-nc-4.0", "other")
     license_text: str  # what the card says about the licence
     source: str = ""
+    hub_id: str = ""  # the Hub repo of these weights, for the card's `base_model` (empty: not on the Hub)
 
 
 EFFICIENTNET_LITE0_WEIGHTS = BaseWeights(
@@ -82,7 +84,7 @@ def base_weights_for_spec(spec: str) -> BaseWeights | None:
         return _timm_weights(name)
     if kind == "hf-hub":
         return BaseWeights(f"Hub model {name}", "other", f"see the model card of {name}",
-                           f"https://huggingface.co/{name}")
+                           f"https://huggingface.co/{name}", hub_id=name)
     if kind == "local-dir":
         return _local_tower_weights(Path(name))
     return BaseWeights(f"weights of tower {spec}", "other", "not recorded: check their source before reuse")
@@ -98,7 +100,9 @@ def _timm_weights(name: str) -> BaseWeights:
         cfg = None
     license_id = (getattr(cfg, "license", None) or "other").lower()
     text = license_id if license_id != "other" else "see the timm model card"
-    return BaseWeights(f"timm ImageNet weights for {name}", license_id, text, f"https://huggingface.co/timm/{name}")
+    hub_id = getattr(cfg, "hf_hub_id", None) or ""
+    return BaseWeights(f"timm ImageNet weights for {name}", license_id, text, f"https://huggingface.co/timm/{name}",
+                       hub_id=hub_id)
 
 
 def _local_tower_weights(folder: Path) -> BaseWeights:
@@ -150,6 +154,7 @@ class MetricRef:
     metric_type: str  # the model-index metric id, e.g. "roc_auc", "accuracy", "average_precision"
     path: str
     name: str | None = None  # readable name shown on the Hub, e.g. "image AUROC"
+    spread: str | None = None  # path of its spread over seeds (a standard deviation), when the file has one
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,11 @@ class BenchmarkRef:
     task_type: str = "anomaly-detection"
     task_name: str | None = None
     dataset_split: str | None = "test"
+    machine: str = "machine"  # path of the machine description every benchmark JSON records
+    seeds: str | None = None  # path of the seeds; None: the usual places (args.seeds, args.seed, config.seed)
+
+
+SEED_PATHS = ("args.seeds", "args.seed", "config.seed", "seeds", "seed")
 
 
 _PATH_TOKEN = re.compile(r"\[([^\]]*)\]|([^.\[\]]+)")
@@ -220,17 +230,53 @@ def read_metric(data: Any, ref: MetricRef, source: Path) -> float:
     return value
 
 
+def read_benchmark(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CardError(f"Benchmark file {path} not found.") from None
+    except json.JSONDecodeError as err:
+        raise CardError(f"Benchmark file {path} is not valid JSON: {err}") from None
+
+
+def _first_found(data: Any, paths: Iterable[str]) -> Any:
+    """The value at the first path that exists, also looked up in the first record of a list of records."""
+    for path in paths:
+        for candidate in (path, f"[0].{path}"):
+            try:
+                return lookup(data, candidate)
+            except CardError:
+                continue
+    return None
+
+
+def benchmark_provenance(benchmark: BenchmarkRef) -> dict[str, Any]:
+    """Where and how a benchmark's numbers were measured: machine, seeds, and each metric's spread.
+
+    A number without the machine it was measured on is not reported: the file must record one.
+    """
+    data = read_benchmark(benchmark.json_path)
+    machine = _first_found(data, [benchmark.machine])
+    if machine is None:
+        raise CardError(f"{benchmark.json_path} records no machine at {benchmark.machine!r}: a card states where "
+                        "its numbers were measured. Rerun the benchmark, or name the path with BenchmarkRef.machine.")
+    if isinstance(machine, dict):
+        machine = ", ".join(f"{key}: {value}" for key, value in machine.items())
+    seeds = _first_found(data, [benchmark.seeds] if benchmark.seeds else SEED_PATHS)
+    spreads = {ref.name or ref.metric_type: read_metric(data, MetricRef(ref.metric_type, ref.spread), benchmark.json_path)
+               for ref in benchmark.metrics if ref.spread}
+    return {"file": Path(benchmark.json_path).name, "machine": str(machine),
+            "seeds": seeds if isinstance(seeds, list) else ([seeds] if seeds is not None else None),
+            "spreads": spreads}
+
+
 def eval_results_from_json(benchmark: BenchmarkRef) -> list:
     """`EvalResult`s for the card's model-index, every value read from `benchmark.json_path`."""
     from huggingface_hub import EvalResult
 
     path = Path(benchmark.json_path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CardError(f"Benchmark file {path} not found.") from None
-    except json.JSONDecodeError as err:
-        raise CardError(f"Benchmark file {path} is not valid JSON: {err}") from None
+    data = read_benchmark(path)
     if not benchmark.metrics:
         raise CardError(f"No metrics chosen from {path}.")
     return [
@@ -252,7 +298,7 @@ def eval_results_from_json(benchmark: BenchmarkRef) -> list:
 class CardInfo:
     """What a card needs beyond the artifact itself.
 
-    `training_data` names entries of hub.datasets.KNOWN_SOURCES ("magnetic_tile", "neu_seg") or gives a
+    `training_data` names entries of defectclip.region_dataset.KNOWN_SOURCES ("magnetic_tile", "neu_seg") or gives a
     SourceInfo. `base_weights` adds weights the tower specs do not reveal (e.g. ALPHACLIP_WEIGHTS for a
     describer initialised from an official AlphaCLIP checkpoint).
     """
@@ -321,7 +367,7 @@ def render_model_card(kind: str, info: CardInfo, facts: dict[str, Any], tower_sp
         pipeline_tag=KIND_PIPELINE_TAG.get(kind),
         tags=["defectclip", "industrial-inspection", *KIND_TAGS[kind], *facts.get("tags", ()), *info.tags],
         datasets=list(info.datasets) or None,
-        base_model=[spec.removeprefix("hf-hub:") for spec in tower_specs if spec.startswith("hf-hub:")] or None,
+        base_model=[weights.hub_id for weights in bases if weights.hub_id] or None,
         model_name=title,
         eval_results=results or None,
     )
@@ -338,6 +384,7 @@ def render_model_card(kind: str, info: CardInfo, facts: dict[str, Any], tower_sp
         license_text=LICENSE_TEXT.get(license_id, license_id),
         results=results,
         benchmark_files=[Path(b.json_path).name for b in info.benchmarks],
+        provenance=[benchmark_provenance(b) for b in info.benchmarks],
         extra_limitations=list(info.limitations),
     )
 

@@ -1,7 +1,7 @@
 """Export trained artifacts as Hub-ready folders: the artifact's files, written atomically, plus a model card.
 
 Every exported folder loads with the same call from a local path and from the Hub (after
-`python -m hub push-model <folder> <repo>`), and loading stays strict about missing or unexpected keys:
+`python -m hub push-model <folder> <repo>`, or `<model>.push_to_hub(<repo>)`), and loading stays strict about missing or unexpected keys:
 
 - `export_tab_backbone`: timm format at the root (`config.json` with architecture, num_features and
   pretrained_cfg incl. mean/std; `model.safetensors`), so `timm.create_model("hf-hub:<repo>", pretrained=True,
@@ -20,6 +20,7 @@ Sources are a saved folder or an in-memory model; a folder is loaded first, whic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import shutil
@@ -29,13 +30,14 @@ from typing import Any
 
 import torch
 
-from defectclip.alphaclip import AlphaDescriber
-from defectclip.clip_ada import ClipADA
-from defectclip.io import atomic_dir, read_json, write_json_atomic
-from defectclip.scoring import SCORERS, FeatureScorer, default_layers, load_config
-from defectclip.tab import TABBackbone
-from defectclip.towers import split_spec
-from hub.cards import CardInfo, write_model_card
+from ..errors import DefectclipError
+from ..alphaclip import OFFICIAL_WEIGHTS, AlphaDescriber
+from ..clip_ada import ClipADA
+from ..io import atomic_dir, read_json, write_json_atomic
+from ..scoring import FeatureScorer, default_layers
+from ..tab import TABBackbone
+from ..towers import split_spec
+from .cards import ALPHACLIP_WEIGHTS, CardInfo, write_model_card
 
 TOWER_DIR = "tower"
 BUNDLED_TOWER_SPEC = f"local-dir:{TOWER_DIR}"
@@ -54,7 +56,7 @@ METHOD_NAMES = {"patchcore": "PatchCore", "padim": "PaDiM"}
 SUGGESTED_REDUCTIONS = (8, 16)
 
 
-class ExportError(ValueError):
+class ExportError(DefectclipError):
     """An artifact that cannot be exported as asked: the message says why and what to do."""
 
 
@@ -66,7 +68,7 @@ def export_tab_backbone(source: str | Path | TABBackbone, out: str | Path, card:
     """Write a TAB backbone in timm format (+ its TAB head and config) with a model card to `out`."""
     model = source if isinstance(source, TABBackbone) else TABBackbone.from_pretrained(source)
     with atomic_dir(out) as staging:
-        model.write_files(staging)
+        model._write_artifact(staging)
         check_timm_features(staging, model)
         write_model_card(staging, "tab", card, tab_facts(model), [model.config.vision, model.config.text])
         make_readable(staging)
@@ -154,11 +156,8 @@ def export_scorer(source: str | Path | FeatureScorer, out: str | Path, card: Car
 def as_scorer(source: str | Path | FeatureScorer) -> FeatureScorer:
     if isinstance(source, FeatureScorer):
         return source
-    model_type = load_config(source).get("model_type")
-    if model_type not in SCORERS:
-        raise ExportError(f"{source} holds a {model_type!r} model; expected one of {sorted(SCORERS)}.")
     # Exporting never needs a GPU: the folder is read on the CPU whatever the machine has.
-    return SCORERS[model_type].load(source, device="cpu")
+    return FeatureScorer.from_pretrained(source, device="cpu")
 
 
 def write_scorer(scorer: FeatureScorer, folder: Path, object_name: str | None = None) -> dict[str, Any]:
@@ -166,7 +165,7 @@ def write_scorer(scorer: FeatureScorer, folder: Path, object_name: str | None = 
     if scorer.threshold is None:
         raise ExportError("The scorer has no threshold: call calibrate(validation images) before exporting, "
                           "so the exported model can flag defects, not only rank images.")
-    scorer.save(folder)
+    scorer.save_pretrained(folder)
     config_path = Path(folder) / CONFIG_NAME
     config = read_json(config_path)
     origin = config["tower"]
@@ -235,15 +234,17 @@ def require_portable_specs(specs: Mapping[str, str], what: str) -> None:
 def export_describer(source: str | Path | AlphaDescriber, out: str | Path, card: CardInfo) -> Path:
     """Write an AlphaCLIP region describer (adapter, alpha conv, config with captions) with a card to `out`.
 
-    A describer initialised from official AlphaCLIP weights must say so: pass
-    `CardInfo(base_weights=(ALPHACLIP_WEIGHTS,))`, which makes the card CC BY-NC 4.0.
+    A describer whose tower was loaded from official AlphaCLIP weights (`load_alphaclip_checkpoint`) records
+    it in its config; its card then credits them and is CC BY-NC 4.0 without anyone having to say so.
     """
     describer = as_describer(source)
-    with atomic_dir(out) as staging:
-        facts = write_describer(describer, staging)
-        write_model_card(staging, "describer", card, facts, [facts["vision"], facts["text"]])
-        make_readable(staging)
-    return Path(out)
+    if describer_weights_from(describer) == OFFICIAL_WEIGHTS and ALPHACLIP_WEIGHTS not in card.base_weights:
+        card = dataclasses.replace(card, base_weights=(*card.base_weights, ALPHACLIP_WEIGHTS))
+    return export_with_towers(describer, out, card, "describer", write_describer)
+
+
+def describer_weights_from(describer: AlphaDescriber) -> str | None:
+    return getattr(describer.image, "weights_from", None) or describer.config.get("weights_from")
 
 
 def as_describer(source: str | Path | AlphaDescriber) -> AlphaDescriber:
@@ -275,23 +276,27 @@ def write_describer(describer: AlphaDescriber, folder: Path) -> dict[str, Any]:
 
 def export_clip_ada(source: str | Path | ClipADA, out: str | Path, card: CardInfo) -> Path:
     """Write a CLIP-ADA head (trainable tensors + config naming its towers) with a card to `out`."""
-    model = as_clip_ada(source)
+    return export_with_towers(as_clip_ada(source), out, card, "clip_ada", write_clip_ada)
+
+
+def export_with_towers(model: Any, out: str | Path, card: CardInfo, kind: str, write) -> Path:
+    """`write(model, folder)` -> facts naming the vision and text towers, whose base weights the card credits."""
     with atomic_dir(out) as staging:
-        facts = write_clip_ada(model, staging)
-        write_model_card(staging, "clip_ada", card, facts, [facts["vision"], facts["text"]])
+        facts = write(model, staging)
+        write_model_card(staging, kind, card, facts, [facts["vision"], facts["text"]])
         make_readable(staging)
     return Path(out)
 
 
 def as_clip_ada(source: str | Path | ClipADA) -> ClipADA:
-    return source if isinstance(source, ClipADA) else ClipADA.load(source)
+    return source if isinstance(source, ClipADA) else ClipADA.from_pretrained(source)
 
 
 def write_clip_ada(model: ClipADA, folder: Path) -> dict[str, Any]:
     saved = model.config_dict()
     config = saved["config"]
     require_portable_specs({"vision": config["vision"], "text": config["text"]}, "CLIP-ADA model")
-    model.save(folder)
+    model.save_pretrained(folder)
     return {
         "vision": config["vision"],
         "text": config["text"],
@@ -314,11 +319,13 @@ def export_pipeline(
     describer: str | Path | AlphaDescriber | None = None,
     clip_ada: str | Path | ClipADA | None = None,
     card: CardInfo | None = None,
+    objects: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write the folder `InspectionPipeline.from_folder` (and so the app) reads, with a card, to `out`.
+    """Write the folder `InspectionPipeline.from_pretrained` (and so the app) reads, with a card, to `out`.
 
     `scorers` maps folder names (the app shows "magnetic_tile" as "magnetic tile") to scorer folders or
-    models; a list of folders is named by each folder's name.
+    models; a list of folders is named by each folder's name. `objects` names the object a scorer inspects
+    where its folder name does not (written to the scorer's inspection.json).
     """
     named = name_scorers(scorers)
     if not named and clip_ada is None:
@@ -328,11 +335,17 @@ def export_pipeline(
         facts: dict[str, Any] = {"scorers": [], "describer": None, "clip_ada": None}
         specs: list[str] = []
         for name, source in named.items():
-            scorer_facts_ = write_scorer(as_scorer(source), staging / "scorers" / name, name.replace("_", " "))
+            object_name = (objects or {}).get(name, name.replace("_", " "))
+            scorer_facts_ = write_scorer(as_scorer(source), staging / "scorers" / name, object_name)
+            if objects and name in objects:
+                write_json_atomic(staging / "scorers" / name / "inspection.json", {"object": object_name})
             facts["scorers"].append({"name": name, **scorer_facts_})
             specs.append(scorer_facts_["tower_spec_origin"])
         if describer is not None:
-            facts["describer"] = write_describer(as_describer(describer), staging / "describer")
+            describer = as_describer(describer)
+            if describer_weights_from(describer) == OFFICIAL_WEIGHTS and ALPHACLIP_WEIGHTS not in card.base_weights:
+                card = dataclasses.replace(card, base_weights=(*card.base_weights, ALPHACLIP_WEIGHTS))
+            facts["describer"] = write_describer(describer, staging / "describer")
             specs += [facts["describer"]["vision"], facts["describer"]["text"]]
         if clip_ada is not None:
             facts["clip_ada"] = write_clip_ada(as_clip_ada(clip_ada), staging / "clip_ada")
@@ -355,3 +368,26 @@ def name_scorers(scorers: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         if not SCORER_NAME.fullmatch(name):
             raise ExportError(f"Scorer name {name!r} is not a plain folder name (letters, digits, _ . -).")
     return named
+
+
+# --------------------------------------------------------------------------------------------------
+# any artifact: what `Artifact.push_to_hub` pushes
+
+
+def export_artifact(artifact: Any, out: str | Path, card: CardInfo) -> Path:
+    """Export any defectclip artifact with its card, by kind (see `defectclip.artifacts.Artifact`)."""
+    from ..pipeline import InspectionPipeline
+
+    if isinstance(artifact, TABBackbone):
+        return export_tab_backbone(artifact, out, card)
+    if isinstance(artifact, FeatureScorer):
+        return export_scorer(artifact, out, card)
+    if isinstance(artifact, AlphaDescriber):
+        return export_describer(artifact, out, card)
+    if isinstance(artifact, ClipADA):
+        return export_clip_ada(artifact, out, card)
+    if isinstance(artifact, InspectionPipeline):
+        folders = artifact.scorer_folders()
+        return export_pipeline(out, {name: model.scorer for name, model in folders.items()}, artifact.describer,
+                               artifact.clip_ada, card, objects={name: model.object for name, model in folders.items()})
+    raise ExportError(f"Cannot export a {type(artifact).__name__}: not a defectclip artifact.")

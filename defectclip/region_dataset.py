@@ -1,0 +1,259 @@
+"""The split-mask caption dataset format: schema, sources, candidates, records and readers, in one place.
+
+A dataset is a `datasets.DatasetDict` (train / validation / test) of records
+`{image, object, regions: [{mask, defect, caption, bbox}], source, dropped_regions}` where `object` and each
+region's `defect` are `ClassLabel`s (their names are the dataset's objects and defect types), plus
+`candidates.json` ({object: [candidate captions]}) and a card. `python -m hub.datasets build` writes it
+(planning and the DBSCAN split live there); training and evaluation read it from any of:
+
+- the folder `build` wrote (`save_to_disk` layout, `dataset_dict.json`),
+- a folder in the Hub layout (`data/<split>-*.parquet` + candidates.json), e.g. a downloaded snapshot,
+- a Hub dataset repo id (`org/name`), downloaded into the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .data import DataError
+from .data.images import image_to_tensor
+from .data.regions import bounding_box
+from .data.transforms import Preprocess, resize
+from .captions import caption
+from .io import read_json
+
+SPLITS = ("train", "validation", "test")
+CANDIDATES_FILE = "candidates.json"
+STATS_FILE = "stats.json"
+DATASET_DICT_FILE = "dataset_dict.json"  # what marks a save_to_disk folder
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the underlying images come from, as a card states it. `license_id` is the Hub's identifier; with
+    "other", `license_name` and `license_link` complete the Hub's licence block, and the link defaults to the
+    LICENSE.md that a dataset export writes from `license` and `citation`."""
+
+    name: str
+    citation: str
+    license: str  # the licence text shown in the card
+    license_id: str = "other"
+    url: str = ""
+    license_name: str = "research-use-cite"
+    license_link: str = "LICENSE.md"
+
+    def license_text(self) -> str:
+        """The LICENSE.md a dataset carries: the terms of the underlying images and how to cite them."""
+        where = f"\n\nSource: {self.url}" if self.url else ""
+        return (f"# Licence of the underlying images\n\n{self.name}: {self.license}{where}\n\n"
+                f"## Citation\n\n{self.citation}\n\nThe masks, regions and captions derived here follow the "
+                "same terms.\n")
+
+
+# From ../shared/data/README.md; other sources pass their own with --source-name / --license / --citation.
+KNOWN_SOURCES = {
+    "magnetic_tile": SourceInfo(
+        name="Magnetic Tile Defect dataset",
+        citation='Y. Huang, C. Qiu, K. Yuan, "Surface defect saliency of magnetic tile", The Visual Computer, 2020.',
+        license="Research use; please cite (public GitHub release by its authors).",
+    ),
+    "neu_seg": SourceInfo(
+        name="NEU-Seg (hot-rolled steel strip surface defects)",
+        citation='H. Dong et al., "PGA-Net: Pyramid Feature Fusion and Global Context Attention Network for '
+        'Automated Surface Defect Detection", IEEE Transactions on Industrial Informatics, 2020.',
+        license="Research use; please cite.",
+    ),
+}
+UNKNOWN_SOURCE = SourceInfo(
+    name="(not stated)", citation="(not stated)",
+    license="Not stated: check the terms of the underlying images before sharing this dataset.",
+    license_name="not-stated",
+)
+
+
+def source_info(source: Path, name: str | None = None, license: str | None = None,
+                citation: str | None = None, url: str | None = None) -> SourceInfo:
+    """The known entry for the source folder's name, with any of its fields overridden."""
+    base = KNOWN_SOURCES.get(Path(source).resolve().name, UNKNOWN_SOURCE)
+    overrides = {k: v for k, v in {"name": name, "license": license, "citation": citation, "url": url}.items() if v}
+    return dataclasses.replace(base, **overrides)
+
+
+# ------------------------------------------------------------------------------------------- schema and records
+
+
+def record_features(objects: Sequence[str], defects: Sequence[str]):
+    """The records' `datasets.Features`; `object` and `defect` are ClassLabels over the given names."""
+    from datasets import ClassLabel, Features, Image as ImageFeature, List, Value
+
+    region = {"mask": ImageFeature(), "defect": ClassLabel(names=sorted(set(defects))),
+              "caption": Value("string"), "bbox": List(Value("int32"), length=4)}
+    return Features({"image": ImageFeature(), "object": ClassLabel(names=sorted(set(objects))),
+                     "regions": List(region), "source": Value("string"), "dropped_regions": Value("int32")})
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """PNG-encode a bool mask (as 0/255 8-bit gray), a gray image or an RGB image (gray if its channels agree)."""
+    from PIL import Image
+
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.ndim == 3 and (array == array[..., :1]).all():
+        array = array[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def region_record(defect: str, object_name: str, region: np.ndarray) -> dict:
+    return {"mask": {"bytes": png_bytes(region), "path": None}, "defect": defect,
+            "caption": caption(defect, object_name), "bbox": bounding_box(region)}
+
+
+def label_decoders(dataset):
+    """(object decoder, defect decoder): ClassLabel integer -> name (a string column passes through)."""
+    features = dataset.features
+
+    def decoder(feature):
+        return feature.int2str if hasattr(feature, "int2str") else str
+
+    return decoder(features["object"]), decoder(features["regions"].feature["defect"])
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+
+def open_region_dataset(source: str | Path, revision: str | None = None):
+    """The DatasetDict at `source`: a `build` folder, a Hub-layout folder, or a Hub dataset repo id."""
+    from datasets import load_dataset, load_from_disk
+
+    path = Path(str(source)).expanduser()
+    if (path / DATASET_DICT_FILE).is_file():
+        return load_from_disk(str(path))
+    if path.is_dir():
+        return load_dataset(str(path))
+    _require_repo_id(str(source))
+    return load_dataset(str(source), revision=revision)
+
+
+def _require_repo_id(text: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise DataError(f"{text} is neither a dataset folder on this machine nor a Hub dataset repo id "
+                        "('org/name'); build one with `python -m hub.datasets build`.") from None
+
+
+def open_region_split(source: str | Path, split: str, revision: str | None = None):
+    dataset = open_region_dataset(source, revision)
+    if split not in dataset:
+        raise DataError(f"{source} has no split {split!r}; it has {sorted(dataset)}.")
+    return dataset[split]
+
+
+def read_dataset_candidates(source: str | Path, revision: str | None = None) -> dict[str, list[str]]:
+    """{object: [candidate captions]} stored with a split-mask caption dataset (local folder or Hub repo)."""
+    path = Path(str(source)).expanduser() / CANDIDATES_FILE
+    if not Path(str(source)).expanduser().is_dir():
+        _require_repo_id(str(source))
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(str(source), CANDIDATES_FILE, repo_type="dataset", revision=revision))
+    if not path.is_file():
+        raise DataError(f"{path} not found: build the dataset with `python -m hub.datasets build`, which writes it.")
+    candidates = read_json(path)
+    if not isinstance(candidates, dict) or not all(isinstance(v, list) and v for v in candidates.values()):
+        raise DataError(f"{path} must map each object to a non-empty list of captions.")
+    return {str(name): [str(c) for c in captions] for name, captions in candidates.items()}
+
+
+@dataclass
+class RegionRecord:
+    """One image of a split-mask caption dataset with its regions, at full resolution."""
+
+    image: torch.Tensor  # 3 x H x W float in [0, 1]
+    object: str
+    masks: np.ndarray  # N x H x W bool, one per region
+    defects: list[str]
+    captions: list[str]
+
+
+def _region_mask(image) -> np.ndarray:
+    """A region mask stored as an image (any mode) -> H x W bool, non-zero = inside."""
+    array = np.asarray(image)
+    return (array.max(axis=-1) if array.ndim == 3 else array) > 0
+
+
+def iter_region_records(source: str | Path, split: str, revision: str | None = None) -> Iterator[RegionRecord]:
+    """Every image of `split` that has at least one region, decoded, with label names instead of integers."""
+    dataset = open_region_split(source, split, revision)
+    object_name, defect_name = label_decoders(dataset)
+    for row in dataset:
+        regions = row["regions"]
+        if not regions:
+            continue
+        yield RegionRecord(
+            image=image_to_tensor(row["image"]),
+            object=object_name(row["object"]),
+            masks=np.stack([_region_mask(region["mask"]) for region in regions]),
+            defects=[defect_name(region["defect"]) for region in regions],
+            captions=[region["caption"] for region in regions],
+        )
+
+
+@dataclass
+class RegionTable:
+    """Every region of a split, resized to the model input once, for fast training.
+
+    `images` (M x 3 x H x W uint8) holds each image once; region r is image `region_image[r]` with
+    mask coverage `coverage[r]` (H x W uint8, 255 = fully inside) and caption
+    `captions[caption_index[r]]`.
+    """
+
+    images: torch.Tensor
+    region_image: torch.Tensor
+    coverage: torch.Tensor
+    caption_index: torch.Tensor
+    captions: list[str]
+    region_object: list[str] = field(default_factory=list)
+    region_defect: list[str] = field(default_factory=list)
+
+
+def _to_uint8(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_region_table(source: str | Path, split: str, preprocess: Preprocess, revision: str | None = None) -> RegionTable:
+    """Decode a split and resize images (preprocess interpolation) and masks (coverage) to the model size."""
+    from .alphaclip import mask_coverage
+
+    images, region_image, coverage, caption_ids = [], [], [], []
+    captions: dict[str, int] = {}
+    objects, defects = [], []
+    for record in iter_region_records(source, split, revision):
+        images.append(_to_uint8(resize(record.image, preprocess.size, preprocess.interpolation)))
+        coverage.append(_to_uint8(mask_coverage(record.masks, preprocess.size)))
+        for caption_text, defect in zip(record.captions, record.defects):
+            region_image.append(len(images) - 1)
+            caption_ids.append(captions.setdefault(caption_text, len(captions)))
+            objects.append(record.object)
+            defects.append(defect)
+    if not images:
+        raise DataError(f"Split {split!r} of {source} has no regions to train on.")
+    return RegionTable(
+        images=torch.stack(images), region_image=torch.tensor(region_image), coverage=torch.cat(coverage),
+        caption_index=torch.tensor(caption_ids), captions=list(captions), region_object=objects, region_defect=defects,
+    )
