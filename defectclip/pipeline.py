@@ -255,9 +255,9 @@ class InspectionPipeline(Artifact):
         if not 1 <= len(images) <= MAX_FEW_SHOT_IMAGES:
             raise PipelineError(f"Few-shot needs 1 to {MAX_FEW_SHOT_IMAGES} normal images, got {len(images)}.")
         with self._lock:
+            # Every reference patch is kept: a few images give too few patches to thin out.
             scorer = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0,
-                               plan=self.few_shot_plan,
-                               device=self.device or "cpu")
+                               plan=self.few_shot_plan, max_bank_size=None, device=self.device or "cpu")
             scorer.fit(images)
             scorer.threshold = self._few_shot_threshold(scorer, images)
         return InspectionModel(f"{FEW_SHOT} ({len(images)} refs)", object_name, "patchcore", scorer)
@@ -270,7 +270,7 @@ class InspectionPipeline(Artifact):
         for index, image in enumerate(images):
             rest = [img for i, img in enumerate(images) if i != index]
             probe = type(scorer)(scorer.tower, image_size=self.few_shot_image_size, coreset_ratio=1.0,
-                                 plan=scorer.plan, device=scorer.device)
+                                 plan=scorer.plan, max_bank_size=None, device=scorer.device)
             held_out.append(probe.fit(rest).predict([image])[0].score)
         return float(max(held_out) * 1.1)
 

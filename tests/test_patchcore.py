@@ -13,8 +13,18 @@ from safetensors.torch import load_file, save_file
 from conftest import save_png, textured_image, write_mvtec_category
 from defectclip.data import DataError, array_to_tensor, open_dataset
 from defectclip.scoring import FeatureScorer, PatchCore, ScoringError, calibrate_threshold
-from defectclip.scoring.common import gaussian_blur, measure_centre_offset, patch_scores_to_maps
-from defectclip.scoring.patchcore import greedy_k_center, nearest_neighbours, select_coreset
+from defectclip.scoring.common import gaussian_blur, interpolation_matrix, measure_centre_offset, patch_scores_to_maps
+from defectclip.scoring.patchcore import (
+    CANDIDATES_PER_ENTRY,
+    CHUNK_POINTS,
+    CPU_BATCH_SIZE,
+    bf16_bank,
+    coreset_size,
+    greedy_k_center,
+    nearest_distances_bf16,
+    nearest_neighbours,
+    select_coreset,
+)
 from defectclip.towers import build_vision_tower
 
 BLOB = (slice(14, 26), slice(30, 44))  # rows, columns of the pasted defect in a 48 x 64 image
@@ -112,6 +122,19 @@ def test_each_patch_score_lands_on_its_centre():
     assert shifted.max() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("size, grid, sigma", [((224, 224), (28, 28), 4.0), ((48, 64), (6, 8), 4.0), ((20, 24), (5, 6), 4.0)])
+def test_maps_equal_blurring_the_interpolated_patch_scores(size, grid, sigma):
+    # The blur is folded into the interpolation matrices; the map must be what interpolating and
+    # then blurring gives (the 20 x 24 case is smaller than the kernel's reach: edge replication).
+    scores = torch.rand(3, *grid, generator=torch.Generator().manual_seed(1)) * 30
+    offset = (-9.7, -8.0)
+    rows, cols = interpolation_matrix(size[0], grid[0], offset[0]), interpolation_matrix(size[1], grid[1], offset[1])
+    expected = gaussian_blur(rows @ scores @ cols.T, sigma)
+    maps = patch_scores_to_maps(scores, size, [size] * 3, sigma, offset)
+    for ours, reference in zip(maps, expected):
+        np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("pad, expected", [(0, 3.5), (4, -0.5)])
 def test_measured_centre_of_a_strided_conv_is_where_its_window_sits(pad, expected):
     # An 8 x 8, stride-8 window over the input padded by `pad` on the top and left sees pixels
@@ -192,6 +215,83 @@ def test_chunked_nearest_neighbours_equal_brute_force(k):
     expected_dist, expected_idx = torch.cdist(queries, bank).topk(k, dim=1, largest=False)
     torch.testing.assert_close(distances, expected_dist, rtol=1e-5, atol=1e-5)
     assert torch.equal(indices, expected_idx)
+
+
+def test_the_bank_size_is_the_ratio_capped_at_the_maximum():
+    assert coreset_size(497_840, 0.1, 5000) == 5000
+    assert coreset_size(497_840, 0.1, None) == 49_784
+    assert coreset_size(30_000, 0.1, 5000) == 3000
+    assert coreset_size(5, 0.01, 5000) == 1
+    with pytest.raises(ScoringError, match="max_bank_size"):
+        coreset_size(100, 0.1, 0)
+
+
+def test_two_stage_selection_covers_every_point_almost_as_well_as_one_stage():
+    # Enough points for the chunked stage (more than CANDIDATES_PER_ENTRY x 2 x count, several chunks);
+    # 16 dimensions are below both projection sizes, so every distance is exact and the reported
+    # radius (chunk radius + final radius) must bound the true covering radius.
+    points = clustered_points(seed=3, n=3 * CHUNK_POINTS, dim=16)
+    count = 300
+    assert points.shape[0] > 2 * CANDIDATES_PER_ENTRY * count
+    two_stage = select_coreset(points, 1.0, seed=0, max_size=count)
+    assert two_stage.indices.numel() == count and len(set(two_stage.indices.tolist())) == count
+    covering = float(torch.cdist(points, points[two_stage.indices]).min(dim=1).values.max())
+    assert covering <= two_stage.radius * (1 + 1e-4)
+    one_stage = greedy_k_center(points, count, start=0)
+    # Greedy k-center is a 2-approximation, so neither can be far from the other; measured ~1.05x.
+    assert covering <= 1.25 * one_stage.radius
+    assert torch.equal(two_stage.indices, select_coreset(points, 1.0, seed=0, max_size=count).indices)
+
+
+def realistic_features(n: int, seed: int) -> torch.Tensor:
+    """Non-negative, correlated 152-d vectors with norms like ImageNet CNN patch features (~45)."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(16, 152, generator=generator)
+    return (torch.randn(n, 16, generator=generator) @ basis + 2.5).clamp_min(0) + 0.3 * torch.rand(n, 152, generator=generator)
+
+
+def test_bf16_distances_stay_within_half_a_percent_of_exact():
+    bank, queries = realistic_features(3000, 0), realistic_features(1500, 1)
+    exact = nearest_neighbours(queries, bank)[0][:, 0]
+    fast = nearest_distances_bf16(queries, bf16_bank(bank))
+    relative = (fast - exact).abs() / exact
+    assert float(relative.mean()) < 2e-3 and float(relative.max()) < 5e-3
+    # Ties and zero distances: a query equal to a bank row is at distance ~0, never NaN.
+    assert float(nearest_distances_bf16(bank[:5], bf16_bank(bank)).max()) < 0.05 * float(exact.median())
+    with pytest.raises(ScoringError, match="empty"):
+        nearest_distances_bf16(queries, bf16_bank(bank[:0]))
+
+
+def test_bf16_and_exact_search_give_the_same_verdicts(tiny_cnn, normal_images, blob_image):
+    model = PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu", search="bf16").fit(normal_images[:5])
+    fast = model.predict([normal_images[5], blob_image])
+    model.search = "exact"
+    exact = model.predict([normal_images[5], blob_image])
+    # The tiny CNN's patches lie close together relative to their norms, the hard case for bfloat16
+    # (its error scales with the norms): still within 2 %.
+    for a, b in zip(fast, exact):
+        assert a.score == pytest.approx(b.score, rel=2e-2)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=2e-2, atol=2e-2 * float(b.anomaly_map.max()))
+    assert fast[1].score > 1.5 * fast[0].score
+    with pytest.raises(ScoringError, match="search must be one of"):
+        PatchCore(tiny_cnn, device="cpu", search="fast")
+
+
+def test_the_bf16_bank_follows_a_replaced_memory_bank(tiny_cnn, normal_images, blob_image):
+    model = PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu", search="bf16").fit(normal_images[:5])
+    before = model.predict([blob_image])[0].score
+    model.memory_bank = model.memory_bank[:1].clone()  # a far smaller bank: the blob gets farther
+    assert model.predict([blob_image])[0].score > before
+
+
+def test_a_capped_bank_and_the_cpu_batch_default(tiny_cnn, normal_images, tmp_path):
+    model = PatchCore(tiny_cnn, coreset_ratio=1.0, max_bank_size=40, device="cpu").fit(normal_images[:3])
+    assert model.memory_bank.shape[0] == 40 and model.batch_size == CPU_BATCH_SIZE
+    config = json.loads((model.save_pretrained(tmp_path / "capped") / "config.json").read_text())
+    assert config["max_bank_size"] == 40 and config["bank_size"] == 40
+    uncapped = PatchCore(tiny_cnn, coreset_ratio=1.0, max_bank_size=None, device="cpu").fit(normal_images[:3])
+    assert uncapped.memory_bank.shape[0] > 40
+    assert PatchCore.from_pretrained(uncapped.save_pretrained(tmp_path / "uncapped"), device="cpu").max_bank_size is None
 
 
 # --------------------------------------------------------------------------------------------------
