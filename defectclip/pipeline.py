@@ -128,7 +128,8 @@ class InspectionPipeline(Artifact):
     card_kind = "pipeline"
 
     def __init__(self, models: dict[str, InspectionModel], describer=None, clip_ada=None,
-                 few_shot_tower: str = "offline:efficientnet_lite0", few_shot_image_size: int = 256):
+                 few_shot_tower: str = "offline:efficientnet_lite0", few_shot_image_size: int = 256,
+                 few_shot_plan: str = "resize"):
         self.models = dict(models)
         self.describer = describer
         self.clip_ada = clip_ada
@@ -136,6 +137,9 @@ class InspectionPipeline(Artifact):
             self.models[REFERENCE_FREE] = InspectionModel(REFERENCE_FREE, "", "clip_ada", clip_ada)
         self.few_shot_tower = few_shot_tower
         self.few_shot_image_size = few_shot_image_size
+        # 'resize' or 'tiles:<tile>[:<overlap>]' (defectclip.scoring.plan): large references with
+        # small defects need tiles, or the defect shrinks below one feature cell.
+        self.few_shot_plan = few_shot_plan
         # torch modules are not safe to call from many threads at once: the app's queue runs
         # several requests concurrently, so model calls are serialised here.
         self._lock = threading.Lock()
@@ -253,7 +257,7 @@ class InspectionPipeline(Artifact):
         with self._lock:
             # Every reference patch is kept: a few images give too few patches to thin out.
             scorer = PatchCore(self.few_shot_tower, image_size=self.few_shot_image_size, coreset_ratio=1.0,
-                               max_bank_size=None, device=self.device or "cpu")
+                               plan=self.few_shot_plan, max_bank_size=None, device=self.device or "cpu")
             scorer.fit(images)
             scorer.threshold = self._few_shot_threshold(scorer, images)
         return InspectionModel(f"{FEW_SHOT} ({len(images)} refs)", object_name, "patchcore", scorer)
@@ -266,7 +270,7 @@ class InspectionPipeline(Artifact):
         for index, image in enumerate(images):
             rest = [img for i, img in enumerate(images) if i != index]
             probe = type(scorer)(scorer.tower, image_size=self.few_shot_image_size, coreset_ratio=1.0,
-                                 max_bank_size=None, device=scorer.device)
+                                 plan=scorer.plan, max_bank_size=None, device=scorer.device)
             held_out.append(probe.fit(rest).predict([image])[0].score)
         return float(max(held_out) * 1.1)
 
