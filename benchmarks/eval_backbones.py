@@ -11,13 +11,24 @@ over seeds in percent.
 
 `--max-train` / `--max-test` cap the images per category (evenly spaced over the sorted file list,
 test caps keep the normal/defective proportion), so that a CPU run finishes in minutes; the same
-images are used for every backbone, method and seed.
+images are used for every backbone, method and seed. Without caps it is the full data set:
+
+    python benchmarks/eval_backbones.py --data ../shared/data/magnetic_tile --image-size 256 \
+        --towers offline:efficientnet_lite0 local-dir:demo/default/tab_backbone --coreset-ratio 0.01
+
+Features are extracted once per (tower, method) and reused for every seed: a seed only changes
+PatchCore's coreset start and projection and PaDiM's channel subset, not the features.
+
+Test sets without ground-truth masks (image labels from the folder names only) get image metrics;
+pixel AUROC and AUPRO are then reported as null. Results go to `--out` (default `runs/`, which git
+ignores): results of private data do not land in the repository unless asked for.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -45,15 +56,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--categories", nargs="*", default=None, help="categories to evaluate (default: all found)")
     parser.add_argument("--towers", nargs="+", default=["offline:efficientnet_lite0"], help="vision tower specs, one table row each")
     parser.add_argument("--methods", nargs="+", default=["patchcore", "padim"], choices=sorted(SCORERS), help="scoring methods")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (coreset start and projection, PaDiM channels)")
-    parser.add_argument("--image-size", type=int, default=224, help="model input size (square), pixels")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (coreset start and projection, PaDiM channels)")
+    parser.add_argument("--image-size", type=int, default=None, help="model input size (square), pixels (default: 224, or the tile size with a tiles plan)")
+    parser.add_argument("--plan", default="resize", help="input plan: 'resize' or 'tiles:<tile>[:<overlap>]' (native-resolution tiles)")
     parser.add_argument("--max-train", type=int, default=None, help="cap on train/good images per category")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images per category")
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore memory bank fraction")
     parser.add_argument("--padim-d", type=int, default=None, help="PaDiM channels kept (default: min(100, available))")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--out", default="benchmarks/results/eval_backbones", help="output prefix for .json and .md")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the project's benchmark setting)")
+    parser.add_argument("--out", default="runs/eval_backbones", help="output prefix for .json and .md (default under runs/, ignored by git)")
     return parser.parse_args(argv)
 
 
@@ -84,17 +97,18 @@ def capped_test_indices(labels: Sequence[int], cap: int | None) -> list[int]:
 @dataclass
 class TestSet:
     images: list[torch.Tensor]
-    masks: list[np.ndarray]
+    masks: list[np.ndarray] | None  # None: the set has image labels only
     labels: list[int]
 
 
 def load_category(root: Path, category: str, max_train: int | None, max_test: int | None):
-    """(train subset, test set held in memory) for one category."""
+    """(train subset, test set held in memory) for one category; masks only if every defect has one."""
     train = MVTecDataset(root, "train", categories=[category])
     train = torch.utils.data.Subset(train, evenly_spaced(len(train), max_train))
-    test = MVTecDataset(root, "test", categories=[category])
+    test = MVTecDataset(root, "test", categories=[category], require_masks=False)
     samples = [test[i] for i in capped_test_indices(test.labels, max_test)]
-    return train, TestSet([s.image for s in samples], [s.mask.numpy() for s in samples], [s.label for s in samples])
+    masks = [s.mask.numpy() for s in samples] if test.has_all_masks else None
+    return train, TestSet([s.image for s in samples], masks, [s.label for s in samples])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,26 +121,54 @@ def method_kwargs(method: str, args: argparse.Namespace) -> dict:
     return {"d": args.padim_d}
 
 
-def run_one(tower, method: str, seed: int, train, test: TestSet, args: argparse.Namespace) -> dict:
-    model = SCORERS[method](
-        tower, image_size=args.image_size, seed=seed, device=args.device, batch_size=args.batch_size,
-        **method_kwargs(method, args),
+def build_model(tower, method: str, seed: int, args: argparse.Namespace):
+    image_size = args.image_size if args.image_size is not None or args.plan != "resize" else 224
+    return SCORERS[method](
+        tower, image_size=image_size, seed=seed, device=args.device, batch_size=args.batch_size,
+        plan=args.plan, **method_kwargs(method, args),
     )
+
+
+def half(batches) -> list:
+    """Cached features in float16: half the memory (PaDiM's stride-4 maps of a full test set take
+    gigabytes in float32); the scorers compute in float32 again."""
+    for batch in batches:
+        batch.embedding = batch.embedding.half()
+    return batches
+
+
+def run_method(tower, method: str, train, test: TestSet, args: argparse.Namespace) -> list[dict]:
+    """Every seed of one (tower, method): features extracted once, each seed fitted and scored on them."""
+    extractor = build_model(tower, method, args.seeds[0], args)
     start = time.perf_counter()
-    model.fit(train)
-    fit_s = time.perf_counter() - start
+    train_features = half(list(extractor.embed(train)))
+    embed_train_s = time.perf_counter() - start
     start = time.perf_counter()
-    results = model.predict(test.images)
-    predict_ms = 1000 * (time.perf_counter() - start) / len(test.images)
-    metrics = evaluate(results, test.masks, test.labels)
-    return {
-        **{k: metrics[k] for k in (*METRICS, "f1_max")},
-        "fit_s": fit_s,
-        "predict_ms_per_image": predict_ms,
-        "layers": model.layers,
-        "num_train": len(train),
-        "num_test": len(test.images),
-    }
+    test_features = half(list(extractor.embed(test.images)))
+    embed_test_ms = 1000 * (time.perf_counter() - start) / len(test.images)
+    rows = []
+    for seed in args.seeds:
+        model = build_model(tower, method, seed, args)
+        start = time.perf_counter()
+        model.fit_embedded(train_features, len(train))
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        results = model.predict_embedded(test_features)
+        score_ms = 1000 * (time.perf_counter() - start) / len(test.images)
+        metrics = evaluate(results, test.masks, test.labels)
+        rows.append({
+            "seed": seed,
+            **{k: metrics.get(k) for k in (*METRICS, "f1_max")},
+            # Comparable with earlier runs: fit = feature extraction + fitting, predict = extraction + scoring.
+            "fit_s": embed_train_s + fit_s,
+            "predict_ms_per_image": embed_test_ms + score_ms,
+            "layers": model.layers,
+            "plan": model.plan.describe(),
+            "image_size": list(model.preprocess.size),
+            "num_train": len(train),
+            "num_test": len(test.images),
+        })
+    return rows
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
@@ -137,12 +179,13 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     runs = []
     for category in categories:
         train, test = load_category(data_root, category, args.max_train, args.max_test)
+        if test.masks is None:
+            print(f"{category}: some anomalous test images have no mask; reporting image metrics only", file=sys.stderr)
         for spec in args.towers:
             tower = build_vision_tower(spec)
             for method in args.methods:
-                for seed in args.seeds:
-                    row = {"tower": spec, "method": method, "category": category, "seed": seed}
-                    row.update(run_one(tower, method, seed, train, test, args))
+                for result in run_method(tower, method, train, test, args):
+                    row = {"tower": spec, "method": method, "category": category, **result}
                     print(json.dumps(row), flush=True)
                     runs.append(row)
     return runs
@@ -168,15 +211,34 @@ def summarise(runs: list[dict]) -> dict:
             cells = {}
             for category in dict.fromkeys(r["category"] for r in rows):
                 mine = [r for r in rows if r["category"] == category]
-                cells[category] = {k: mean_std([r[k] for r in mine]) for k in keys}
+                cells[category] = {k: mean_std([r[k] for r in mine]) for k in keys if mine[0][k] is not None}
             seeds = sorted({r["seed"] for r in rows})
-            per_seed = {k: [statistics.fmean(r[k] for r in rows if r["seed"] == s) for s in seeds] for k in keys}
+            per_seed = {
+                k: [statistics.fmean(r[k] for r in rows if r["seed"] == s) for s in seeds]
+                for k in keys if all(r[k] is not None for r in rows)
+            }
             cells["mean"] = {k: mean_std(v) for k, v in per_seed.items()}
             summary.setdefault(method, {})[tower] = cells
     return summary
 
 
-def percent(cell: Sequence[float], with_std: bool) -> str:
+def headline(summary: dict) -> dict:
+    """{method: {tower: {metric: mean, metric_std: std}}} over seeds, categories averaged; pixel
+    metrics are null for sets without masks. The shape of benchmarks/results/full_magnetic_tile.json."""
+    table: dict = {}
+    for method, towers in summary.items():
+        for tower, cells in towers.items():
+            row = {}
+            for metric in METRICS:
+                mean, std = cells["mean"].get(metric, (None, None))
+                row[metric], row[f"{metric}_std"] = mean, std
+            table.setdefault(method, {})[tower] = row
+    return table
+
+
+def percent(cell: Sequence[float] | None, with_std: bool) -> str:
+    if cell is None:
+        return "n/a (no masks)"
     mean, std = cell
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if with_std else f"{100 * mean:.2f}"
 
@@ -191,7 +253,7 @@ def markdown_tables(summary: dict, seeds: Sequence[int]) -> str:
             lines.append("| backbone | " + " | ".join(categories + ["mean"]) + " |")
             lines.append("|---" * (len(categories) + 2) + "|")
             for tower, cells in towers.items():
-                values = [percent(cells[c][metric], with_std) for c in categories + ["mean"]]
+                values = [percent(cells[c].get(metric), with_std) for c in categories + ["mean"]]
                 lines.append(f"| `{tower}` | " + " | ".join(values) + " |")
             lines.append("")
         lines += [f"### {method}: time", "", "| backbone | fit (s, mean over categories) | predict (ms / image) |", "|---|---|---|"]
@@ -204,17 +266,36 @@ def markdown_tables(summary: dict, seeds: Sequence[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def machine_description() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    return f"{platform.node()}: {device}, torch {torch.__version__}"
+    """E.g. '2-core CPU dev machine, Intel(R) Xeon(R) Processor, one torch thread'."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    thread_text = "one torch thread" if threads == 1 else f"{threads} torch threads"
+    return f"{os.cpu_count()}-core CPU dev machine, {cpu_model()}, {thread_text}, torch {torch.__version__}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     runs = run_all(args)
+    wall_s = time.perf_counter() - start
     summary = summarise(runs)
-    report = {"args": vars(args), "machine": machine_description(), "runs": runs, "summary": summary}
+    report = {
+        "args": vars(args), "machine": machine_description(), "wall_s": wall_s,
+        "results": headline(summary), "runs": runs, "summary": summary,
+    }
+    print(json.dumps({"wall_s": round(wall_s, 1)}), flush=True)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), report)
     tables = markdown_tables(summary, args.seeds)
     out.with_suffix(".md").write_text(f"<!-- generated by benchmarks/eval_backbones.py -->\n\n{tables}")

@@ -128,10 +128,15 @@ class MVTecDataset(_SampleList):
     The object name of a sample is its category folder's name with underscores as spaces.
     """
 
-    def __init__(self, root: str | Path, split: str = "train", categories: list[str] | None = None):
+    def __init__(
+        self, root: str | Path, split: str = "train", categories: list[str] | None = None, require_masks: bool = True
+    ):
         _check_split(split)
         self.root = Path(root)
         self.split = split
+        # Many real sets label test images by folder only; with require_masks=False an anomalous
+        # image without a mask is kept (label 1, no mask) and `has_all_masks` says pixel metrics are off.
+        self.require_masks = require_masks
         folders = find_mvtec_categories(root)
         if categories is not None:
             folders = self._select(folders, categories)
@@ -162,13 +167,20 @@ class MVTecDataset(_SampleList):
         ref = SampleRef(image_path, object_name, self.split, defect)
         if defect != GOOD:
             mask_path = folder / "ground_truth" / defect / f"{image_path.stem}_mask.png"
+            if not mask_path.is_file() and not self.require_masks:
+                return ref
             if not mask_path.is_file():
                 raise DataError(
-                    f"Anomalous image {image_path} has no mask: expected {mask_path}. Add the mask, or "
-                    "move the image out of the test split."
+                    f"Anomalous image {image_path} has no mask: expected {mask_path}. Add the mask, move the "
+                    "image out of the test split, or pass require_masks=False for image-level labels only."
                 )
             ref.mask_paths[defect] = mask_path
         return ref
+
+    @property
+    def has_all_masks(self) -> bool:
+        """Whether every anomalous image has its mask (so pixel-level metrics can be computed)."""
+        return all(ref.mask_paths for ref in self.refs if ref.defect != GOOD)
 
     def _load_masks(self, ref: SampleRef, image: torch.Tensor) -> dict[str, torch.Tensor]:
         masks = {}

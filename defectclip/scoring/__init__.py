@@ -5,9 +5,10 @@ Both follow one interface: `fit(normal images or a dataset)`, `calibrate(val ima
 `FeatureScorer.from_pretrained` loads either, by the saved `model_type`.
 
 Each method (patchcore.py, padim.py) is only its model of normal patches; the harness around it is
-split by idea, as anomalib splits its torch models from their harness: inputs.py (image input),
-features.py (patch features), maps.py (anomaly maps), thresholds.py (calibration), base.py (the
-shared FeatureScorer and its artifact folder), errors.py (ScoringError).
+split by idea, as anomalib splits its torch models from their harness: plan.py (input plans: resize
+or tiles), inputs.py (image input), features.py (patch features), maps.py (anomaly maps),
+thresholds.py (calibration), base.py (the shared FeatureScorer and its artifact folder), errors.py
+(ScoringError).
 """
 
 from .base import FeatureScorer, load_config
@@ -16,12 +17,14 @@ from .features import default_layers
 from .maps import gaussian_blur
 from .padim import PaDiM
 from .patchcore import PatchCore, greedy_k_center, nearest_neighbours, select_coreset
+from .plan import MAX_IMAGE_PIXELS, InputPlan, parse_plan
 from .thresholds import calibrate_threshold
 
 SCORERS = {"patchcore": PatchCore, "padim": PaDiM}
 
 
 __all__ = [
-    "FeatureScorer", "PaDiM", "PatchCore", "SCORERS", "ScoringError", "calibrate_threshold", "default_layers",
-    "gaussian_blur", "greedy_k_center", "nearest_neighbours", "select_coreset",
+    "FeatureScorer", "InputPlan", "MAX_IMAGE_PIXELS", "PaDiM", "PatchCore", "SCORERS", "ScoringError",
+    "calibrate_threshold", "default_layers", "gaussian_blur", "greedy_k_center", "nearest_neighbours", "parse_plan",
+    "select_coreset",
 ]

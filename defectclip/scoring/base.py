@@ -1,8 +1,9 @@
 """The scorer base shared by PatchCore and PaDiM, and its artifact folder.
 
-`FeatureScorer` holds the harness around each method's model: the tower and device, input batching
-(`inputs`), patch features (`features`), maps (`maps`), calibration (`thresholds`), and the
-artifact: `config.json` + `model.safetensors`, written atomically, read back strictly.
+`FeatureScorer` holds the harness around each method's model: the tower and device, the input plan
+(`plan`: resize or tiles, saved with the model), input batching (`inputs`), patch features
+(`features`), maps (`maps`), calibration (`thresholds`), and the artifact: `config.json` +
+`model.safetensors`, written atomically, read back strictly.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import abc
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,9 +26,10 @@ from ..results import AnomalyResult
 from ..schema import MAX_SIGMA, Config, check_number, check_preprocess, check_tensor, confine_local_dir
 from ..towers import TowerError, VisionTower, build_vision_tower, split_spec
 from .errors import ScoringError
-from .features import PatchFeatures, check_layers, default_layers
-from .inputs import as_image_source, dataset_labels, iter_image_batches, normal_subset
+from .features import PatchFeatures, ViewBatch, check_layers, default_layers
+from .inputs import as_image_source, chunked, dataset_labels, iter_view_groups, normal_subset
 from .maps import DEFAULT_SIGMA, patch_scores_to_maps
+from .plan import InputPlan, crop, parse_plan, stitch
 from .thresholds import DEFAULT_QUANTILE, calibrate_threshold, json_threshold
 
 CONFIG_NAME = "config.json"
@@ -94,7 +96,7 @@ def read_model_folder(
         raise ScoringError(f"{folder} holds a {config.get('model_type')!r} model, not {model_type!r}.")
     if config.get("format_version") != FORMAT_VERSION:
         raise ScoringError(f"{folder} has format_version {config.get('format_version')}; this code reads {FORMAT_VERSION}.")
-    _require_same_keys(set(config), config_keys, folder / CONFIG_NAME)
+    _require_same_keys(set(config), config_keys, folder / CONFIG_NAME, OPTIONAL_CONFIG_KEYS)
     return config, read_tensors(folder / WEIGHTS_NAME, tensor_keys)
 
 
@@ -124,8 +126,8 @@ def check_base_config(config: Config) -> None:
     config.number("num_train_images", 0, None, integer=True)
 
 
-def _require_same_keys(found: set[str], expected: set[str], path: Path) -> None:
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
+def _require_same_keys(found: set[str], expected: set[str], path: Path, optional: set[str] = frozenset()) -> None:
+    missing, unexpected = sorted(expected - found - optional), sorted(found - expected)
     if missing or unexpected:
         raise ScoringError(f"{path}: missing keys {missing}, unexpected keys {unexpected}.")
 
@@ -154,6 +156,7 @@ class FeatureScorer(Artifact, abc.ABC):
         seed: int,
         device: str | torch.device | None,
         batch_size: int,
+        plan: InputPlan | str | None = None,
     ):
         if batch_size < 1:
             raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
@@ -161,10 +164,13 @@ class FeatureScorer(Artifact, abc.ABC):
             check_number(sigma, "sigma", 0.0, MAX_SIGMA)
         except ArtifactError as err:
             raise ScoringError(f"{err} (0 turns smoothing off; the papers use {DEFAULT_SIGMA:g}).") from None
+        self.plan = parse_plan(plan)
         self.device = resolve_device(device)
         self.tower = build_tower(tower).to(self.device).eval()
         self.layers = check_layers(self.tower, layers or default_layers(self.tower, self.default_reductions))
         preprocess = self.tower.preprocess
+        if image_size is None and self.plan.is_tiled:
+            image_size = self.plan.tile  # tiles are scored at their native resolution by default
         self.preprocess = preprocess.with_size(image_size) if image_size is not None else preprocess
         self.features = PatchFeatures(self.tower, self.layers, self.preprocess, self.local_average)
         self.sigma = float(sigma)
@@ -184,24 +190,46 @@ class FeatureScorer(Artifact, abc.ABC):
     def fit(self, images: Any) -> "FeatureScorer":
         """Learn what normal patches look like from defect-free images (or a dataset's normal ones)."""
         normal = normal_subset(images)
-        self._fit_batches(self._feature_batches(normal))
+        return self.fit_embedded(self.embed(normal), len(normal))
+
+    def fit_embedded(self, batches: Iterable[ViewBatch], num_images: int) -> "FeatureScorer":
+        """fit() on features from `embed` (so one extraction can serve several seeds or methods).
+
+        With a tiles plan every tile is a training sample: PatchCore's bank and PaDiM's per-position
+        statistics are shared by all tiles.
+        """
+        self._fit_batches(batch.embedding.float() for batch in batches)
         self._check_state_finite()
-        self.num_train_images = len(normal)
+        self.num_train_images = int(num_images)
         self.threshold, self.calibration = None, None  # a threshold of the previous model means nothing now
         return self
 
-    def _feature_batches(self, images: Sequence[Any]) -> Iterator[torch.Tensor]:
-        for batch in iter_image_batches(images, self.batch_size, self.features.min_size, self.tower.spec):
-            yield self.features(self.features.model_input(batch, self.device))
+    @torch.no_grad()
+    def embed(self, images: Any) -> Iterator[ViewBatch]:
+        """Patch features of every window the input plan cuts the images into, a few images at a time."""
+        groups = iter_view_groups(as_image_source(images), self.plan, self.batch_size, self.features.min_size, self.tower.spec)
+        for group in groups:
+            embeddings = [
+                self.features(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device))
+                for chunk in chunked(group.windows, self.batch_size)
+            ]
+            yield ViewBatch(torch.cat(embeddings), group.windows, [tuple(im.shape[-2:]) for im in group.images])
 
     @torch.no_grad()
     def predict(self, images: Any) -> list[AnomalyResult]:
-        """One AnomalyResult per image; maps have each input image's size."""
+        """One AnomalyResult per image; maps have each input image's size (stitched from tiles when
+        the plan tiles)."""
+        self._require_fitted()
+        return self.predict_embedded(self.embed(images))
+
+    @torch.no_grad()
+    def predict_embedded(self, batches: Iterable[ViewBatch]) -> list[AnomalyResult]:
+        """predict() on features from `embed`."""
         self._require_fitted()
         threshold = math.inf if self.threshold is None else self.threshold
         results = []
-        for batch in iter_image_batches(as_image_source(images), self.batch_size, self.features.min_size, self.tower.spec):
-            maps, scores = self._score_batch(batch)
+        for batch in batches:
+            maps, scores = self._score_views(batch)
             if not all(math.isfinite(score) for score in scores):
                 # A NaN score compares False with every threshold and would read as "normal".
                 raise ScoringError(
@@ -211,16 +239,20 @@ class FeatureScorer(Artifact, abc.ABC):
             results.extend(AnomalyResult.from_map(m, s, threshold) for m, s in zip(maps, scores))
         return results
 
-    def _score_batch(self, batch: list[torch.Tensor]) -> tuple[list[np.ndarray], list[float]]:
-        embedding = self.features(self.features.model_input(batch, self.device))
-        patch_scores, image_scores = self._score_patches(embedding)
-        sizes = [tuple(image.shape[-2:]) for image in batch]
-        maps = patch_scores_to_maps(patch_scores, self.preprocess.size, sizes, self.sigma, self.features.centre_offset())
-        if image_scores is None:
-            # The image score is the map's maximum, so "score >= threshold" and "the mask is not
-            # empty" always agree.
-            return maps, [float(m.max()) for m in maps]
-        return maps, [float(s) for s in image_scores.cpu()]
+    def _score_views(self, batch: ViewBatch) -> tuple[list[np.ndarray], list[float]]:
+        patch_scores, view_scores = self._score_patches(batch.embedding.float())
+        view_sizes = [box.size for _, box in batch.windows]
+        view_maps = patch_scores_to_maps(
+            patch_scores, self.preprocess.size, view_sizes, self.sigma, self.features.centre_offset()
+        )
+        maps, scores = [], []
+        for index, size in enumerate(batch.image_sizes):
+            mine = [v for v, (owner, _) in enumerate(batch.windows) if owner == index]
+            maps.append(stitch([view_maps[v] for v in mine], [batch.windows[v][1] for v in mine], size))
+            # The image score is the map's maximum unless the method scores images itself (then the
+            # image's worst window), so "score >= threshold" and "the mask is not empty" agree.
+            scores.append(float(maps[-1].max()) if view_scores is None else float(max(view_scores[v] for v in mine)))
+        return maps, scores
 
     def _check_state_finite(self) -> None:
         for name, tensor in self._state_tensors().items():
@@ -275,6 +307,7 @@ class FeatureScorer(Artifact, abc.ABC):
             "threshold": json_threshold(self.threshold),
             "calibration": self.calibration,
             "num_train_images": self.num_train_images,
+            "plan": self.plan.to_dict(),
             **self._method_config(),
         }
 
@@ -363,13 +396,15 @@ class FeatureScorer(Artifact, abc.ABC):
         """Construct the method's scorer from a saved config, before its state is set."""
         own = {key: config[key] for key in cls.constructor_keys}
         return cls(tower, layers=config["layers"], image_size=preprocess.size, sigma=config["sigma"],
-                   seed=config["seed"], device=device, **own)
+                   seed=config["seed"], device=device, plan=config.get("plan"), **own)
 
 
 BASE_CONFIG_KEYS = {
     "model_type", "format_version", "tower", "layers", "preprocess", "sigma", "seed", "threshold",
-    "calibration", "num_train_images",
+    "calibration", "num_train_images", "plan",
 }
+# Keys a folder written by an older version may lack, and what their absence means.
+OPTIONAL_CONFIG_KEYS = {"plan"}  # absent = the resize plan, the only one there was
 
 
 # model_type -> class, filled as PatchCore and PaDiM are defined.

@@ -1,11 +1,13 @@
 """Patch features: the requested stages of a vision tower, optionally 3 x 3 averaged, the coarser maps
 upsampled to the finest one and concatenated (one feature vector per patch), where each patch's
-feature is centred in the model input, and the sizes a model input and an image must have.
+feature is centred in the model input, the sizes a model input and an image must have, and the
+features of a group of windows (`ViewBatch`) as one extraction hands them to fitting and scoring.
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from ..data import Preprocess, normalize, resize
 from ..towers import VisionTower
 from .errors import ScoringError
+from .plan import Box
 
 
 def default_layers(tower: VisionTower, reductions: Sequence[int]) -> list[str]:
@@ -119,6 +122,17 @@ class PatchFeatures:
             for m in maps.values()
         ]
         return torch.cat(aligned, dim=1).float()
+
+
+@dataclass
+class ViewBatch:
+    """Features of a ViewGroup's windows (V x C x h x w, one per window, in `windows` order) and the
+    sizes of the images they came from; what `FeatureScorer.embed` yields and `fit_embedded` /
+    `predict_embedded` take."""
+
+    embedding: torch.Tensor
+    windows: list[tuple[int, Box]]
+    image_sizes: list[tuple[int, int]]
 
 
 def check_model_size(size: Sequence[int], min_size: int, spec: str) -> None:

@@ -1,10 +1,12 @@
 """Image input for the scorers: files, [0, 1] tensors, uint8 arrays, PIL images, or a dataset
-(`open_dataset`), read lazily batch by batch so a thousand-image training set never sits in memory
-as pixels; a labelled dataset brings its labels, and only its normal images are learnt from.
+(`open_dataset`), read lazily a few images at a time, each cut into the windows its input plan
+(`plan.py`) scores, so a thousand-image training set never sits in memory as pixels; a labelled
+dataset brings its labels, and only its normal images are learnt from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -15,6 +17,7 @@ from PIL import Image
 from ..data import image_to_tensor
 from .errors import ScoringError
 from .features import check_image_size
+from .plan import Box, InputPlan
 
 
 def is_dataset(source: Any) -> bool:
@@ -53,23 +56,44 @@ def normal_subset(source: Any) -> Sequence[Any]:
     return images
 
 
-def iter_image_batches(images: Sequence[Any], batch_size: int, min_size: int = 1, spec: str = "") -> Iterator[list[torch.Tensor]]:
-    """Read images lazily, `batch_size` at a time, each as 3 x H x W in [0, 1] at its own size.
+@dataclass
+class ViewGroup:
+    """A few images and the windows the plan cuts them into: (image index in `images`, box)."""
+
+    images: list[torch.Tensor]
+    windows: list[tuple[int, Box]]
+
+
+def iter_view_groups(
+    images: Sequence[Any], plan: InputPlan, batch_size: int, min_size: int = 1, spec: str = ""
+) -> Iterator[ViewGroup]:
+    """Read images lazily and group them so that a group holds about `batch_size` windows (whole
+    images; one large image alone may hold more, and is then embedded in several passes).
 
     Each image is checked against the tower's smallest usable size here, where its file name (if it
     came from one) is still known, so the error says which image is too small.
     """
-    for start in range(0, len(images), batch_size):
-        batch = []
-        for index in range(start, min(start + batch_size, len(images))):
-            item = images[index]
-            image = image_to_tensor(item)
-            try:
-                check_image_size(image, min_size, spec)
-            except ScoringError as err:
-                raise ScoringError(f"{image_label(item, index)}: {err}") from None
-            batch.append(image)
-        yield batch
+    group = ViewGroup([], [])
+    for index in range(len(images)):
+        item = images[index]
+        image = image_to_tensor(item)
+        try:
+            check_image_size(image, min_size, spec)
+        except ScoringError as err:
+            raise ScoringError(f"{image_label(item, index)}: {err}") from None
+        boxes = plan.windows(*image.shape[-2:])
+        if group.images and len(group.windows) + len(boxes) > batch_size:
+            yield group
+            group = ViewGroup([], [])
+        group.windows.extend((len(group.images), box) for box in boxes)
+        group.images.append(image)
+    if group.images:
+        yield group
+
+
+def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def image_label(item: Any, index: int) -> str:

@@ -22,6 +22,7 @@ from ..schema import Config, check_tensor
 from .base import FeatureScorer
 from .errors import ScoringError
 from .maps import DEFAULT_SIGMA
+from .plan import InputPlan
 
 DEFAULT_D = 100
 DEFAULT_EPSILON = 0.01
@@ -112,8 +113,9 @@ class PaDiM(FeatureScorer):
         seed: int = 0,
         device: str | torch.device | None = "auto",
         batch_size: int = 16,
+        plan: InputPlan | str | None = None,
     ):
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan)
         total_channels = sum(self.tower.stages[name].channels for name in self.layers)
         random_channels(total_channels, d, seed)  # validates d before any feature is extracted
         if epsilon <= 0:

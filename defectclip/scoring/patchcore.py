@@ -33,6 +33,7 @@ from ..schema import Config, check_tensor
 from .base import FeatureScorer, resolve_device
 from .errors import ScoringError
 from .maps import DEFAULT_SIGMA
+from .plan import InputPlan
 
 DEFAULT_CORESET_RATIO = 0.1
 DEFAULT_MAX_BANK_SIZE = 5000
@@ -390,13 +391,14 @@ class PatchCore(FeatureScorer):
         device: str | torch.device | None = "auto",
         batch_size: int | None = None,
         search: str = "auto",
+        plan: InputPlan | str | None = None,
     ):
         """`max_bank_size` caps the bank (None = `coreset_ratio` alone decides); `batch_size` None =
         CPU_BATCH_SIZE on a CPU, GPU_BATCH_SIZE on a GPU; `search`: "exact" (float32), "bf16" or
         "auto" (bf16 where the CPU multiplies bfloat16 in hardware, see bf16_matmul_is_fast)."""
         if batch_size is None:
             batch_size = CPU_BATCH_SIZE if resolve_device(device).type == "cpu" else GPU_BATCH_SIZE
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan)
         coreset_size(1, coreset_ratio, max_bank_size)  # validates now rather than after feature extraction
         if num_neighbors < 1:
             raise ScoringError(f"num_neighbors must be at least 1, got {num_neighbors}.")
