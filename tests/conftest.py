@@ -15,6 +15,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def tiny_cnn():
+    """A random tiny CNN tower (built in well under a second), one per test module."""
+    from defectclip.towers import build_vision_tower
+
+    return build_vision_tower("tiny:cnn")
+
+
 def textured_image(rng: np.random.Generator, size=(48, 64)) -> np.ndarray:
     """A smooth gradient plus noise: something a model can tell apart from a pasted blob."""
     h, w = size

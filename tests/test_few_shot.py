@@ -14,14 +14,13 @@ from defectclip.scoring.few_shot import (
     MAX_REFERENCES, MIN_SAMPLES, FewShotError, block_distances, check_reference_count, content_digest,
     fit_few_shot, place_threshold,
 )
-from defectclip.towers import build_vision_tower
 
 SIZE = (64, 64)
 
 
 @pytest.fixture(scope="module")
-def tower():
-    return build_vision_tower("tiny:cnn")
+def tower(tiny_cnn):
+    return tiny_cnn
 
 
 @pytest.fixture(scope="module")

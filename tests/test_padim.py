@@ -12,14 +12,8 @@ from conftest import textured_image, write_mvtec_category
 from defectclip.data import DataError, array_to_tensor, open_dataset
 from defectclip.scoring import FeatureScorer, PaDiM, ScoringError
 from defectclip.scoring.padim import mahalanobis, random_channels
-from defectclip.towers import build_vision_tower
 
 BLOB = (slice(14, 26), slice(30, 44))
-
-
-@pytest.fixture(scope="module")
-def tiny_cnn():
-    return build_vision_tower("tiny:cnn")
 
 
 @pytest.fixture(scope="module")

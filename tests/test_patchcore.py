@@ -26,14 +26,8 @@ from defectclip.scoring.patchcore import (
     nearest_neighbours,
     select_coreset,
 )
-from defectclip.towers import build_vision_tower
 
 BLOB = (slice(14, 26), slice(30, 44))  # rows, columns of the pasted defect in a 48 x 64 image
-
-
-@pytest.fixture(scope="module")
-def tiny_cnn():
-    return build_vision_tower("tiny:cnn")
 
 
 @pytest.fixture(scope="module")

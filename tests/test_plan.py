@@ -17,15 +17,9 @@ from conftest import textured_image, write_mvtec_category
 from defectclip.data import DataError, MVTecDataset, array_to_tensor
 from defectclip.scoring import MAX_IMAGE_PIXELS, FeatureScorer, InputPlan, PaDiM, PatchCore, ScoringError, parse_plan
 from defectclip.scoring.plan import Box, stitch, tile_starts
-from defectclip.towers import build_vision_tower
 
 LARGE = (192, 256)  # rows, columns
 SPOT = (slice(120, 126), slice(70, 76))  # a 6 x 6 px defect: 0.07 % of the large image
-
-
-@pytest.fixture(scope="module")
-def tiny_cnn():
-    return build_vision_tower("tiny:cnn")
 
 
 @pytest.fixture(scope="module")
