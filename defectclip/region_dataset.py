@@ -24,7 +24,7 @@ import torch
 
 from .data import DataError
 from .data.images import image_to_tensor
-from .data.regions import bounding_box
+from .data.regions import bounding_box, crop_to_box, disk_shape, sample_normal_regions
 from .data.transforms import Preprocess, resize
 from .captions import caption
 from .io import read_json
@@ -197,21 +197,55 @@ def _region_mask(image) -> np.ndarray:
     return (array.max(axis=-1) if array.ndim == 3 else array) > 0
 
 
-def iter_region_records(source: str | Path, split: str, revision: str | None = None) -> Iterator[RegionRecord]:
-    """Every image of `split` that has at least one region, decoded, with label names instead of integers."""
+def iter_region_records(source: str | Path, split: str, revision: str | None = None,
+                        include_normal: bool = False) -> Iterator[RegionRecord]:
+    """Every image of `split` that has at least one region (and with `include_normal`, the images without
+    any: datasets built with --include-normal hold them), decoded, with label names instead of integers."""
     dataset = open_region_split(source, split, revision)
     object_name, defect_name = label_decoders(dataset)
     for row in dataset:
         regions = row["regions"]
-        if not regions:
+        if not regions and not include_normal:
             continue
+        image = image_to_tensor(row["image"])
+        masks = (np.stack([_region_mask(region["mask"]) for region in regions]) if regions
+                 else np.zeros((0, *image.shape[-2:]), bool))
         yield RegionRecord(
-            image=image_to_tensor(row["image"]),
+            image=image,
             object=object_name(row["object"]),
-            masks=np.stack([_region_mask(region["mask"]) for region in regions]),
+            masks=masks,
             defects=[defect_name(region["defect"]) for region in regions],
             captions=[region["caption"] for region in regions],
         )
+
+
+# The app describes a disk of this radius around a click away from every region (regions_ui); normal
+# regions include such disks beside the shapes of real regions, so a click on clean surface is covered too.
+CLICK_DISK_RADII = (8, 12, 16, 24)
+
+
+class ShapeBank:
+    """Shapes of the real regions seen so far, per object, plus click-like disks: outlines for normal regions.
+
+    Filled while records stream past (no second pass over the images); bounded by `limit` per object.
+    """
+
+    def __init__(self, limit: int = 2000, seed: int = 0):
+        self.limit = limit
+        self.rng = np.random.default_rng([seed, 11])
+        self.shapes: dict[str, list[np.ndarray]] = {}
+
+    def add(self, record: RegionRecord) -> None:
+        shapes = self.shapes.setdefault(record.object, [disk_shape(r) for r in CLICK_DISK_RADII])
+        for mask in record.masks:
+            if len(shapes) < self.limit:
+                shapes.append(crop_to_box(mask))
+
+    def normal_regions(self, record: RegionRecord, count: int) -> list[np.ndarray]:
+        """Up to `count` regions of `record`'s image away from all its defects, with borrowed shapes."""
+        shapes = self.shapes.get(record.object) or [disk_shape(r) for r in CLICK_DISK_RADII]
+        defects = record.masks.any(axis=0) if len(record.masks) else np.zeros(record.image.shape[-2:], bool)
+        return sample_normal_regions(defects, shapes, count, self.rng)
 
 
 @dataclass
@@ -234,6 +268,67 @@ class RegionTable:
 
 def _to_uint8(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_region_views(source: str | Path, split: str, region_inputs, no_defect: dict[str, str] | None = None,
+                      normal_per_image: int = 1, max_normal_images: int | None = None, seed: int = 0,
+                      revision: str | None = None) -> RegionTable:
+    """Every region of a split as the describer sees it: one view (crop and mask coverage) per region.
+
+    `region_inputs(images, masks)` is the describer's own view function, so training sees exactly what
+    evaluation and the app see. With `no_defect` ({object: caption}), each image also gives
+    `normal_per_image` normal regions (away from its defects, shapes of real regions, see ShapeBank)
+    captioned as that object's no-defect caption; images without defects (datasets built with
+    --include-normal) give them too, at most `max_normal_images` such images (default: as many as the
+    defective images read before them, so defect-free images never outnumber defective ones; a build
+    lists defective images first).
+    """
+    views, coverage, caption_ids, objects, defects = [], [], [], [], []
+    captions: dict[str, int] = {}
+    bank, good_images, defective_images = ShapeBank(seed=seed), 0, 0
+    for record in iter_region_records(source, split, revision, include_normal=bool(no_defect)):
+        bank.add(record)
+        masks, labels = list(record.masks), list(zip(record.captions, record.defects))
+        normal_caption = (no_defect or {}).get(record.object)
+        is_good = len(record.masks) == 0
+        defective_images += int(not is_good)
+        good_cap = defective_images if max_normal_images is None else max_normal_images
+        if normal_caption and (not is_good or good_images < good_cap):
+            good_images += int(is_good)
+            normals = bank.normal_regions(record, normal_per_image)
+            masks += normals
+            labels += [(normal_caption, "good")] * len(normals)
+        if not masks:
+            continue
+        image_views, image_coverage = region_inputs(record.image[None].expand(len(masks), -1, -1, -1), np.stack(masks))
+        views.append(_to_uint8(image_views))
+        coverage.append(_to_uint8(image_coverage))
+        for caption_text, defect in labels:
+            caption_ids.append(captions.setdefault(caption_text, len(captions)))
+            objects.append(record.object)
+            defects.append(defect)
+    if not views:
+        raise DataError(f"Split {split!r} of {source} has no regions to train on.")
+    return RegionTable(
+        images=torch.cat(views), region_image=torch.arange(len(caption_ids)), coverage=torch.cat(coverage),
+        caption_index=torch.tensor(caption_ids), captions=list(captions), region_object=objects, region_defect=defects,
+    )
+
+
+def concat_region_tables(tables: Sequence[RegionTable]) -> RegionTable:
+    """One table of several (e.g. one per object's dataset), captions merged by their text."""
+    captions: dict[str, int] = {}
+    parts = []
+    for table in tables:
+        remap = torch.tensor([captions.setdefault(c, len(captions)) for c in table.captions])
+        parts.append(remap[table.caption_index])
+    offsets = np.cumsum([0] + [len(t.images) for t in tables[:-1]])
+    return RegionTable(
+        images=torch.cat([t.images for t in tables]),
+        region_image=torch.cat([t.region_image + int(o) for t, o in zip(tables, offsets)]),
+        coverage=torch.cat([t.coverage for t in tables]), caption_index=torch.cat(parts), captions=list(captions),
+        region_object=[o for t in tables for o in t.region_object], region_defect=[d for t in tables for d in t.region_defect],
+    )
 
 
 def load_region_table(source: str | Path, split: str, preprocess: Preprocess, revision: str | None = None) -> RegionTable:

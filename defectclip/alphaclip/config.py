@@ -17,3 +17,7 @@ DEFAULT_TEMPERATURE = 0.07
 
 class AlphaClipError(DefectclipError):
     """A checkpoint, folder or input that does not fit the describer; the message says what is wrong."""
+
+
+class UnknownObjectError(AlphaClipError):
+    """A describer was asked about an object it has no captions for; the message lists the ones it knows."""
