@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DefectclipError
+from ..errors import DefectclipError, UnknownObjectError  # noqa: F401 - re-exported for the describer
 
 ALPHA_MEAN = 0.5
 ALPHA_STD = 0.26
@@ -17,7 +17,3 @@ DEFAULT_TEMPERATURE = 0.07
 
 class AlphaClipError(DefectclipError):
     """A checkpoint, folder or input that does not fit the describer; the message says what is wrong."""
-
-
-class UnknownObjectError(AlphaClipError):
-    """A describer was asked about an object it has no captions for; the message lists the ones it knows."""
