@@ -89,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-normal-images", type=int, default=None,
                         help="at most this many defect-free images per dataset give normal regions (default: as many as "
                              "its defective images)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="also train on a mixed-type copy of each image: regions of other types from earlier "
+                             "training images Poisson-blended in away from its own (defectclip.data.transplant)")
+    parser.add_argument("--surround", type=float, default=0.0,
+                        help="probability that an image is seen inside a 3 x 3 mosaic of other training images, so "
+                             "crops past its border see surface rather than black")
     parser.add_argument("--loss", choices=LOSSES, default="candidates",
                         help="'candidates': cross-entropy over the region's own object's captions (what the app ranks); "
                              "'supcon': the paper's supervised contrastive loss over the batch's captions")
@@ -114,6 +120,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--temperature must be positive")
     if args.image_size is not None and args.image_size < 16:
         raise SystemExit("--image-size must be at least 16")
+    if not 0.0 <= args.surround <= 1.0:
+        raise SystemExit("--surround must be in [0, 1]")
     if args.normal_regions < 0 or args.balance_objects < 0:
         raise SystemExit("--normal-regions and --balance-objects must be 0 or more")
     if args.view_context < 1.0 or args.view_min_side < 1:
@@ -228,12 +236,13 @@ def training_candidates(args: argparse.Namespace) -> tuple[dict[str, list[str]],
 
 def load_training_table(describer: AlphaDescriber, args: argparse.Namespace, no_defect: dict[str, str]) -> RegionTable:
     """The training regions of every dataset, as the describer sees them (its own view function)."""
-    if args.view == "whole" and not no_defect:
+    if args.view == "whole" and not no_defect and not args.mixed and not args.surround:
         tables = [load_region_table(d, args.train_split, describer.image.preprocess, args.dataset_revision)
                   for d in args.dataset]
     else:
         tables = [load_region_views(d, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
-                                    args.max_normal_images, args.seed, args.dataset_revision) for d in args.dataset]
+                                    args.max_normal_images, args.seed, args.dataset_revision, args.mixed,
+                                    args.surround) for d in args.dataset]
     return tables[0] if len(tables) == 1 else concat_region_tables(tables)
 
 
@@ -316,7 +325,7 @@ def training_record(args: argparse.Namespace) -> dict:
     """The recipe, saved in describer_config.json so a model folder says how it was made."""
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
             "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "lora_targets", "seed", "mixed_precision",
-            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size")
+            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "surround")
     return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key in keys}
 
