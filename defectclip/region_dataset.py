@@ -277,6 +277,25 @@ SURROUND_POOL = 24
 DONOR_MARGIN_PX = 8
 
 
+def loose_region(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A defect region as the app may hand it over: a click disk (CLICK_DISK_RADII) centred on one of its
+    pixels, or the mask grown by up to half its box side (a predicted region is wider than the defect).
+
+    Normal regions include click disks, so without these a disk would mean "no defect" by its shape alone.
+    """
+    from scipy import ndimage
+
+    ys, xs = np.nonzero(mask)
+    if rng.random() < 0.5:
+        pick = int(rng.integers(len(xs)))
+        radius = CLICK_DISK_RADII[int(rng.integers(len(CLICK_DISK_RADII)))]
+        yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
+        return (xx - xs[pick]) ** 2 + (yy - ys[pick]) ** 2 <= radius**2
+    side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+    grow = int(rng.integers(1, max(2, side // 2) + 1))
+    return ndimage.distance_transform_edt(~mask) <= grow
+
+
 class MixAugmenter:
     """Training images the test sets also hold, made from the training split only.
 
@@ -348,7 +367,8 @@ class MixAugmenter:
 
 def load_region_views(source: str | Path, split: str, region_inputs, no_defect: dict[str, str] | None = None,
                       normal_per_image: int = 1, max_normal_images: int | None = None, seed: int = 0,
-                      revision: str | None = None, mixed: bool = False, surround: float = 0.0) -> RegionTable:
+                      revision: str | None = None, mixed: bool = False, surround: float = 0.0,
+                      loose: bool = False) -> RegionTable:
     """Every region of a split as the describer sees it: one view (crop and mask coverage) per region.
 
     `region_inputs(images, masks)` is the describer's own view function, so training sees exactly what
@@ -359,7 +379,9 @@ def load_region_views(source: str | Path, split: str, region_inputs, no_defect: 
     defective images read before them, so defect-free images never outnumber defective ones; a build
     lists defective images first). `mixed` adds, per image, a mixed-type copy (MixAugmenter.mixed) with
     all its regions and a normal one; `surround` is the probability that an image is seen inside a
-    mosaic of others (MixAugmenter.surround).
+    mosaic of others (MixAugmenter.surround). `loose` adds, per defect region, a loosely drawn copy
+    with the same caption (`loose_region`: a click disk on it, or the mask grown), as the app's
+    regions are.
     """
     table = _ViewTable()
     bank, augmenter = ShapeBank(seed=seed), MixAugmenter(seed)
@@ -379,6 +401,9 @@ def load_region_views(source: str | Path, split: str, region_inputs, no_defect: 
                 images.append(extra)
         augmenter.add(record)
         for image, masks, labels in images:
+            if loose and masks:
+                extra = [loose_region(mask, augmenter.rng) for mask in masks[: len(labels)]]
+                masks, labels = masks + extra, labels + labels[: len(extra)]
             if with_normals:
                 defects = np.stack(masks) if masks else np.zeros((0, *image.shape[-2:]), bool)
                 normals = bank.normal_regions(RegionRecord(image, record.object, defects, [], []), normal_per_image)

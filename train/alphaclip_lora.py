@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--surround", type=float, default=0.0,
                         help="probability that an image is seen inside a 3 x 3 mosaic of other training images, so "
                              "crops past its border see surface rather than black")
+    parser.add_argument("--loose", action="store_true",
+                        help="also train on a loosely drawn copy of each defect region (a click disk on it, or the "
+                             "mask grown), as the app's clicks and predicted regions are")
     parser.add_argument("--loss", choices=LOSSES, default="candidates",
                         help="'candidates': cross-entropy over the region's own object's captions (what the app ranks); "
                              "'supcon': the paper's supervised contrastive loss over the batch's captions")
@@ -236,13 +239,13 @@ def training_candidates(args: argparse.Namespace) -> tuple[dict[str, list[str]],
 
 def load_training_table(describer: AlphaDescriber, args: argparse.Namespace, no_defect: dict[str, str]) -> RegionTable:
     """The training regions of every dataset, as the describer sees them (its own view function)."""
-    if args.view == "whole" and not no_defect and not args.mixed and not args.surround:
+    if args.view == "whole" and not no_defect and not args.mixed and not args.surround and not args.loose:
         tables = [load_region_table(d, args.train_split, describer.image.preprocess, args.dataset_revision)
                   for d in args.dataset]
     else:
         tables = [load_region_views(d, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
                                     args.max_normal_images, args.seed, args.dataset_revision, args.mixed,
-                                    args.surround) for d in args.dataset]
+                                    args.surround, args.loose) for d in args.dataset]
     return tables[0] if len(tables) == 1 else concat_region_tables(tables)
 
 
@@ -325,7 +328,7 @@ def training_record(args: argparse.Namespace) -> dict:
     """The recipe, saved in describer_config.json so a model folder says how it was made."""
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
             "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "lora_targets", "seed", "mixed_precision",
-            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "surround")
+            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "surround", "loose")
     return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key in keys}
 
