@@ -18,6 +18,8 @@ source image is disjoint from training), with the object's own candidate caption
   from every defect, and on defect-free images) answered with the object's no-defect caption.
 - small_region_top1: defect_region_top1 again with each image placed in one cell of a 4 x 4 mosaic of
   other held-out images of the object, so each region is 1/16 as large relative to the image.
+- click_disk_top1 (not a target): each real region clicked as the app does when no predicted region is
+  near the click, i.e. a 16 px disk around the region's central pixel.
 - probe_* beside each: the mask-blind probe, the same describer shown the whole image as the region,
   so its answer cannot depend on the click (what a describer that reads only the image can do).
 Top-level keys hold the minimum over the objects; per-object numbers are under `by_object`.
@@ -182,8 +184,21 @@ def mosaic(record: RegionRecord, others: list[RegionRecord], rng: np.random.Gene
 # ------------------------------------------------------------------------------------------- one object
 
 
+def click_disks(masks: np.ndarray) -> np.ndarray:
+    """What the app describes when a click on a defect is not near any predicted region: a disk of the
+    app's radius around the click, here at the region's pixel nearest its centroid."""
+    from defectclip.regions_ui import DEFAULT_DISK_RADIUS, disk_mask
+
+    disks = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        nearest = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+        disks.append(disk_mask(mask.shape, int(xs[nearest]), int(ys[nearest]), DEFAULT_DISK_RADIUS))
+    return np.stack(disks)
+
+
 def evaluate_object(reader: Reader, records: list[RegionRecord], goods: list[RegionRecord], args) -> dict:
-    real, real_probe, small = Tally(), Tally(), Tally()
+    real, real_probe, small, clicks = Tally(), Tally(), Tally(), Tally()
     normal, normal_probe = Tally(), Tally()
     rng = np.random.default_rng([args.seed, 17])
     bank = ShapeBank(seed=args.seed)
@@ -196,6 +211,8 @@ def evaluate_object(reader: Reader, records: list[RegionRecord], goods: list[Reg
             real.add(truth, predicted, bucket)
         for truth, predicted in zip(record.captions, reader.probe_top1(record.image, len(record.masks))):
             real_probe.add(truth, predicted, bucket)
+        for truth, predicted in zip(record.captions, reader.top1(record.image, click_disks(record.masks))):
+            clicks.add(truth, predicted, bucket)
         image, masks = mosaic(record, [r for r in mosaic_sources if r is not record], rng)
         for truth, predicted in zip(record.captions, reader.top1(image, masks)):
             small.add(truth, predicted, bucket)
@@ -213,7 +230,7 @@ def evaluate_object(reader: Reader, records: list[RegionRecord], goods: list[Reg
         "swap_consistency": mixed["swap"].accuracy(), "probe_swap_consistency": mixed["probe_swap"].accuracy(),
         "normal_area_no_defect": normal.accuracy(), "probe_normal_area_no_defect": normal_probe.accuracy(),
         "defect_region_top1": real.accuracy(), "probe_defect_region_top1": real_probe.accuracy(),
-        "small_region_top1": small.accuracy(),
+        "small_region_top1": small.accuracy(), "click_disk_top1": clicks.accuracy(),
         "small_region_drop_points": round(100 * (real.accuracy() - small.accuracy()), 2),
         "counts": {"test_images_with_regions": len(records), "test_regions": real.total["all"],
                    "defect_free_images": len(goods), "normal_regions": normal.total["all"],
@@ -222,7 +239,7 @@ def evaluate_object(reader: Reader, records: list[RegionRecord], goods: list[Reg
         "defect_region_by_count": real.table(), "probe_defect_region_by_count": real_probe.table(),
         "mixed_type_by_count": mixed["top1"].table(), "small_region_by_count": small.table(),
         "confusion_defect_regions": real.matrix(), "confusion_mixed_type": mixed["top1"].matrix(),
-        "confusion_normal_areas": normal.matrix(),
+        "confusion_normal_areas": normal.matrix(), "confusion_click_disks": clicks.matrix(),
     }
 
 
@@ -296,7 +313,7 @@ def main(argv=None) -> dict:
         scores = evaluate_object(Reader(describer, object_name), records, goods, args)
         scores.update(dataset=str(dataset), seconds=round(time.perf_counter() - object_started, 1))
         print(json.dumps({"bench": "describer_regions", "object": object_name,
-                          **{k: scores[k] for k in (*TARGET_KEYS, "small_region_drop_points", "counts")}}), flush=True)
+                          **{k: scores[k] for k in (*TARGET_KEYS, "small_region_drop_points", "click_disk_top1", "counts")}}), flush=True)
         by_object[object_name] = scores
     training = describer.config.get("training", {})
     result = {"bench": "describer_regions", **summary(by_object), "by_object": by_object,
