@@ -154,3 +154,38 @@ def test_balanced_order_repeats_the_smaller_object():
     assert order.count(16) == 16 and len(order) == 32
     assert balanced_order(objects, 0.0) == list(range(17))
     assert balanced_order(objects, 0.5).count(16) == 4
+
+
+# ------------------------------------------------------------------------------------------- training augmentations
+
+
+def test_blended_regions_land_away_from_every_other_region():
+    from defectclip.data.regions import clear_area
+    from defectclip.data.transplant import blend_regions_into
+
+    rng = np.random.default_rng(0)
+    canvas = rng.integers(90, 110, (120, 120, 3)).astype(np.uint8)
+    own = np.zeros((120, 120), bool)
+    own[10:20, 10:20] = True
+    source = rng.integers(90, 110, (60, 60, 3)).astype(np.uint8)
+    source[20:30, 20:40] = 250
+    donor = np.zeros((60, 60), bool)
+    donor[20:30, 20:40] = True
+    image, masks, labels = blend_regions_into(canvas, [own], ["own"], [(source, donor, "a"), (source, donor, "b")], rng)
+    assert labels == ["own", "a", "b"] and len(masks) == 3
+    assert masks[1].sum() == donor.sum() and image[masks[1]].mean() > 130  # the bright donor came along (canvas: 90-110)
+    assert clear_area(masks[0])[masks[1]].all() and clear_area(masks[0] | masks[1])[masks[2]].all()
+    far = clear_area(masks[1] | masks[2], 10)
+    assert np.array_equal(image[far], canvas[far])  # nothing but the blends changed
+
+
+def test_loose_regions_cover_the_defect_they_copy():
+    from defectclip.region_dataset import loose_region
+
+    mask = np.zeros((100, 100), bool)
+    mask[40:50, 30:70] = True
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        loose = loose_region(mask, rng)
+        assert (loose & mask).any()  # a click disk on it, or the mask grown: never off the defect
+        assert loose.sum() >= min(mask.sum(), np.pi * 8**2 * 0.9)
