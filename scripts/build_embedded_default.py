@@ -58,12 +58,15 @@ def build_regions(source: Path, work: Path, name: str, *extra: str) -> Path:
     return out
 
 
-# The describer's recipe (benchmarks/results/describer_regions.md): one describer for both development
-# objects, each region seen as a crop around it (the default --view), normal regions captioned
-# "no defect", cross-entropy over the region's own object's captions, the smaller object's regions
-# repeated (--balance-objects), LoRA rank 16 to keep the folder small.
+# The describer's recipe (run 3 of benchmarks/results/describer_regions.md): one describer for both
+# development objects, each region seen as a crop around it (the default --view), normal regions
+# captioned "no defect", cross-entropy over the region's own object's captions, the smaller object's
+# regions repeated (--balance-objects), mixed-type copies of the training images, images surrounded by
+# others, loosely drawn copies of defect regions (what moved the numbers there), LoRA rank 16 to keep
+# the folder small.
 DESCRIBER_RECIPE = ["--image-size", "96", "--batch-size", "32", "--warmup-steps", "20", "--lr", "5e-4",
-                    "--alpha-lr", "3e-3", "--lora-r", "16", "--lora-alpha", "16", "--balance-objects", "0.75"]
+                    "--alpha-lr", "3e-3", "--lora-r", "16", "--lora-alpha", "16", "--balance-objects", "0.75",
+                    "--mixed", "--surround", "0.5", "--loose"]
 
 
 def train_describer(datasets: list[Path], work: Path, steps: int) -> Path:
