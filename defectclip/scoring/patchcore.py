@@ -375,6 +375,7 @@ class PatchCore(FeatureScorer):
     }
     state_keys = {"memory_bank"}
     constructor_keys = ("coreset_ratio", "max_bank_size", "projection_dim", "reweight", "num_neighbors")
+    bf16_features = True  # measured: benchmarks/results/vs_anomalib_full.md (image AUROC vs the exact path)
 
     def __init__(
         self,
@@ -392,13 +393,15 @@ class PatchCore(FeatureScorer):
         batch_size: int | None = None,
         search: str = "auto",
         plan: InputPlan | str | None = None,
+        inference: str = "auto",
     ):
         """`max_bank_size` caps the bank (None = `coreset_ratio` alone decides); `batch_size` None =
         CPU_BATCH_SIZE on a CPU, GPU_BATCH_SIZE on a GPU; `search`: "exact" (float32), "bf16" or
-        "auto" (bf16 where the CPU multiplies bfloat16 in hardware, see bf16_matmul_is_fast)."""
+        "auto" (bf16 where the CPU multiplies bfloat16 in hardware, see bf16_matmul_is_fast);
+        `inference`: how the frozen tower runs, see FeatureScorer ("auto": bfloat16 on such CPUs)."""
         if batch_size is None:
             batch_size = CPU_BATCH_SIZE if resolve_device(device).type == "cpu" else GPU_BATCH_SIZE
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan, inference)
         coreset_size(1, coreset_ratio, max_bank_size)  # validates now rather than after feature extraction
         if num_neighbors < 1:
             raise ScoringError(f"num_neighbors must be at least 1, got {num_neighbors}.")
