@@ -223,7 +223,12 @@ class FeatureScorer(Artifact, abc.ABC):
     def fit(self, images: Any) -> "FeatureScorer":
         """Learn what normal patches look like from defect-free images (or a dataset's normal ones)."""
         normal = normal_subset(images)
-        return self.fit_embedded(self.embed(normal), len(normal))
+        # The state is learnt from the exact tower whatever `inference` says: the coreset's greedy
+        # selection amplifies the smallest feature change into another bank (float32 BatchNorm folding
+        # alone, ~1e-7 relative, moved image AUROC by 0.4 point on the full magnetic tile, as another
+        # seed would), so a fast tower would make the saved model depend on the machine that fitted it.
+        # Fitting costs the extraction once per training image; scoring is what runs on every image.
+        return self.fit_embedded(self.embed(normal, exact=True), len(normal))
 
     def fit_embedded(self, batches: Iterable[ViewBatch], num_images: int) -> "FeatureScorer":
         """fit() on features from `embed` (so one extraction can serve several seeds or methods).
@@ -238,12 +243,14 @@ class FeatureScorer(Artifact, abc.ABC):
         return self
 
     @torch.no_grad()
-    def embed(self, images: Any) -> Iterator[ViewBatch]:
-        """Patch features of every window the input plan cuts the images into, a few images at a time."""
+    def embed(self, images: Any, exact: bool = False) -> Iterator[ViewBatch]:
+        """Patch features of every window the input plan cuts the images into, a few images at a time;
+        from the tower as `inference` runs it, or the exact tower (`exact=True`, what fit uses)."""
         groups = iter_view_groups(as_image_source(images), self.plan, self.batch_size, self.features.min_size, self.tower.spec)
         for group in groups:
             embeddings = [
-                self.features(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device))
+                self.features.embed(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device),
+                                    exact=exact)
                 for chunk in chunked(group.windows, self.batch_size)
             ]
             yield ViewBatch(torch.cat(embeddings), group.windows, [tuple(im.shape[-2:]) for im in group.images])
