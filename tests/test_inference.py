@@ -152,3 +152,13 @@ def test_a_saved_scorer_reloads_to_the_same_scores(normal_images, blob_image, tm
     loaded.inference = "exact"  # the switch works after loading too, and agrees to bf16 precision
     exact = loaded.predict([normal_images[5], blob_image])
     assert [r.score for r in exact] == pytest.approx([r.score for r in before], rel=0.1)
+
+
+def test_folding_a_tower_in_training_mode_leaves_its_statistics_and_mode_alone():
+    tower = build_vision_tower("tiny:cnn").train()
+    tower.model.layer1.eval()  # modes may differ between modules: each is kept
+    before = {name: t.clone() for name, t in tower.state_dict().items()}
+    folded = folded_copy(tower)
+    assert tower.training and tower.model.training and not tower.model.layer1.training
+    assert not folded.training
+    assert all(torch.equal(before[name], t) for name, t in tower.state_dict().items())

@@ -81,24 +81,37 @@ def conv_bn_pairs(tower: VisionTower, keep: Sequence[str] = ()) -> list[tuple[st
     that consumer change too; the CNNs the towers wrap (timm ResNets, EfficientNets) use each
     convolution output once, for its BatchNorm.
     """
-    outputs: dict[int, str] = {}
+    # Outputs are held (not only their ids) until the probe ends, so no id is reused by a later tensor.
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: list[tuple[str, str]] = []
+
+    def remember(name: str, output: torch.Tensor) -> None:
+        outputs[id(output)] = (name, output)
+
+    def pair(name: str, tensor: torch.Tensor) -> None:
+        conv = outputs.get(id(tensor))
+        if conv is not None and conv[1] is tensor:
+            pairs.append((conv[0], name))
+
     handles = []
     for name, module in tower.model.named_modules():
         if isinstance(module, nn.Conv2d) and name not in keep:
-            handles.append(module.register_forward_hook(
-                lambda _m, _i, out, name=name: outputs.__setitem__(id(out), name)))
+            handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: remember(name, out)))
         elif isinstance(module, nn.BatchNorm2d) and _bn_tail(module) is not None:
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, inputs, name=name: pairs.append((outputs[id(inputs[0])], name))
-                if id(inputs[0]) in outputs else None))
+            handles.append(module.register_forward_pre_hook(lambda _m, inputs, name=name: pair(name, inputs[0])))
     parameter = next(iter(tower.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     size = max(PROBE_SIZE, max(stage.reduction for stage in tower.stages.values()))
+    # A training-mode probe would move the BatchNorm statistics. Each module's own mode is restored
+    # (a tower wrapper may be in training mode around a model in eval mode).
+    modes = {module: module.training for module in tower.modules()}
+    tower.eval()
     try:
         with torch.no_grad():
             tower._run_trunk(torch.zeros(1, 3, size, size, device=device))
     finally:
+        for module, mode in modes.items():
+            module.training = mode
         for handle in handles:
             handle.remove()
     return list(dict.fromkeys(pairs))
@@ -131,7 +144,8 @@ def folded_copy(tower: VisionTower, keep: Sequence[str] = (), dtype: torch.dtype
     """
     pairs = conv_bn_pairs(tower, keep)
     copied = copy.deepcopy(tower).eval().requires_grad_(False)
-    fused_kernel = fuse and _fused_kernel_works()
+    on_cpu = all(t.device.type == "cpu" for t in tower.parameters())
+    fused_kernel = fuse and on_cpu and _fused_kernel_works()  # a oneDNN (CPU) kernel
     for conv_name, norm_name in pairs:
         norm = copied.model.get_submodule(norm_name)
         if norm.running_mean is None or norm.running_var is None:
