@@ -26,8 +26,11 @@ What is held equal:
 What each does its own way (which is the point of the comparison): the projection and the coreset
 selection, the nearest-neighbour search, the maps, and the image score (anomalib: the paper's
 reweighted score with 9 neighbours; defectclip: the smoothed map's maximum, its `reweight=True` is also
-reported). defectclip's own exact float32 search is run on the same bank, so the change its default
-search makes to the image AUROC is measured in the same run.
+reported), and how the backbone runs at predict time (defectclip: a BatchNorm-folded copy, in bfloat16
+on an AMX CPU; anomalib: the float32 model). defectclip's exact float32 path (the unfolded float32
+tower and the float32 search) is run on the same bank (fit always uses the exact tower), so the
+change the default path makes to the image AUROC is measured per seed in the same run. Predict is
+compared with the float32 backbone both libraries share and with defectclip's own backbone alone.
 """
 
 from __future__ import annotations
