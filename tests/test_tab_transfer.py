@@ -1,0 +1,202 @@
+"""TAB that transfers: pretraining sources (textures, mask-free crops, leave-one-out), the three ways to
+keep the start's features (frozen stages, distillation, WiSE with its rule), and the script end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import write_index_mask_dataset, write_mvtec_category
+
+from defectclip.data import load_index_mask
+from defectclip.synth.textures import TEXTURE_KINDS, make_texture
+from defectclip.tab import SyntheticPairs, TABBackbone
+from defectclip.tab_sources import (
+    ImageCrop, SourceError, TextureImage, collect_sources, crop_windows, index_mask_crops, steel_validation,
+)
+from defectclip.tab_transfer import (
+    FeatureDistillation, TransferError, captured_stages, choose_alpha, early_stage_parameters, freeze_early_stages,
+    interpolate_state, interpolated_trunk,
+)
+from defectclip.towers import build_vision_tower, wrap_timm
+from train.tab_pretrain import main
+
+TINY = ["--vision", "tiny:cnn", "--text", "tiny:text"]
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("transfer")
+    write_mvtec_category(base / "mvtec", "magnetic_tile")
+    return base / "mvtec", write_index_mask_dataset(base / "steel", n=6)
+
+
+# --------------------------------------------------------------------------------------------------
+# sources
+
+
+def test_textures_are_deterministic_gray_and_of_distinct_kinds():
+    for kind in TEXTURE_KINDS:
+        first, again = make_texture(kind, 64, seed=3), make_texture(kind, 64, seed=3)
+        assert first.shape == (64, 64, 3) and first.dtype == np.uint8
+        assert np.array_equal(first, again)
+        assert not np.array_equal(first, make_texture(kind, 64, seed=4))
+        assert (first[..., 0] == first[..., 2]).all() and first.std() > 5  # gray, and not flat
+    assert not np.array_equal(make_texture("grain", 64, 0), make_texture("stripes", 64, 0))
+    with pytest.raises(ValueError, match="valid kinds: grain, stripes, weave"):
+        make_texture("marble", 64, 0)
+
+
+def test_mask_free_crops_hold_no_defect_pixel_and_defect_crops_do(roots):
+    _, steel = roots
+    crops = index_mask_crops(steel, "train", cap=None)
+    assert len(crops) == 6 and all(c.object == "steel strip" and c.size == 20 for c in crops)
+    for crop in crops:
+        mask = load_index_mask(steel / "masks" / "train" / f"{crop.path.stem}.png")
+        assert not mask[crop.top:crop.top + crop.size, crop.left:crop.left + crop.size].any()
+        assert crop.load().shape == (20, 20, 3)
+    defects = index_mask_crops(steel, "test", cap=None, defective=True)
+    for crop in defects:
+        mask = load_index_mask(steel / "masks" / "test" / f"{crop.path.stem}.png")
+        assert mask[crop.top:crop.top + crop.size, crop.left:crop.left + crop.size].mean() > 0
+    # An image whose mask covers everything gives no mask-free window.
+    assert crop_windows(np.ones((40, 40), np.int64), defective=False) == []
+
+
+def test_leave_one_out_excludes_by_object_name_and_refuses_a_typo(roots):
+    mvtec, steel = roots
+    everything = collect_sources([mvtec, steel], textures_per_kind=2)
+    assert {s.object for s in everything} == {"magnetic tile", "steel strip", "grainy metal surface",
+                                             "brushed metal surface", "woven fabric"}
+    without = collect_sources([mvtec, steel], textures_per_kind=2, exclude=["Magnetic_Tile"])
+    assert "magnetic tile" not in {s.object for s in without}
+    assert len(without) == len(everything) - 4  # the 4 train/good images
+    with pytest.raises(SourceError, match="no such object.*'steel strip'"):
+        collect_sources([mvtec, steel], exclude=["magnetic tiles"])
+    capped = collect_sources([steel], max_per_object=3)
+    assert len(capped) == 3
+
+
+def test_synthetic_pairs_read_crops_and_textures_and_mix_syntheses(roots):
+    _, steel = roots
+    sources = [*index_mask_crops(steel, "train", cap=2), TextureImage("weave", 0, "woven fabric", size=48),
+               TextureImage("weave", 1, "woven fabric", size=48)]
+    pairs = SyntheticPairs(sources, [0, 0, 1, 1], image_size=32, synthesis="mix", seed=0)
+    for index in range(4):
+        pair = pairs.pair(index)
+        assert pair["normal"].shape == (3, 32, 32) and pair["anomalous"].shape == (3, 32, 32)
+        assert not torch.equal(pair["normal"], pair["anomalous"])
+    assert torch.equal(pairs.pair(2)["anomalous"], pairs.pair(2)["anomalous"])  # reproducible
+
+
+def test_steel_validation_reads_the_test_split_only(roots):
+    _, steel = roots
+    fit, normal, defective = steel_validation(steel, count=2)
+    assert all(isinstance(c, ImageCrop) and c.path.parent.name == "test" for c in fit + normal + defective)
+    assert not set(fit) & set(normal)
+    with pytest.raises(SourceError, match="lower the count"):
+        steel_validation(steel, count=50)
+
+
+# --------------------------------------------------------------------------------------------------
+# keeping the start's features
+
+
+def test_frozen_early_stages_do_not_move_and_later_ones_do(tiny_cnn):
+    import copy
+
+    trunk = copy.deepcopy(tiny_cnn)
+    frozen = freeze_early_stages(trunk, 1)
+    assert frozen > 0
+    before = {k: v.clone() for k, v in trunk.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in trunk.parameters() if p.requires_grad], lr=0.5)
+    trunk.train()
+    trunk(torch.randn(2, 3, 32, 32)).pow(2).sum().backward()
+    optimizer.step()
+    frozen_names = {f"model.{name}" for name, _ in early_stage_parameters(trunk, 1)}
+    moved = {k for k, v in trunk.state_dict().items() if not torch.equal(v, before[k]) and "running" not in k
+             and "num_batches" not in k}
+    assert moved and not moved & frozen_names
+    with pytest.raises(TransferError, match="between 0 and"):
+        freeze_early_stages(trunk, 99)
+
+
+def test_frozen_stages_follow_resnet_stage_names():
+    trunk = wrap_timm(timm.create_model("resnet18", pretrained=False, features_only=False), "timm:resnet18")
+    names = {name for name, _ in early_stage_parameters(trunk, 2)}  # stem (act1) + layer1
+    assert "conv1.weight" in names and any(n.startswith("layer1.") for n in names)
+    assert not any(n.startswith("layer2.") for n in names)
+
+
+def test_distillation_is_zero_at_the_start_and_grows_as_the_trunk_moves(tiny_cnn):
+    import copy
+
+    trunk = copy.deepcopy(tiny_cnn).eval()
+    distillation = FeatureDistillation(trunk)
+    images = torch.randn(2, 3, 32, 32)
+    with captured_stages(trunk, distillation.stages) as student:
+        trunk(images)
+    assert distillation.loss(student, images).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for param in trunk.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    with captured_stages(trunk, distillation.stages) as student:
+        trunk(images)
+    assert distillation.loss(student, images).item() > 1e-3
+    assert not any(p.requires_grad for p in distillation.teacher.parameters())
+
+
+def test_interpolation_ends_at_the_two_trunks_and_halves_between(tiny_cnn):
+    import copy
+
+    start, tuned = copy.deepcopy(tiny_cnn), copy.deepcopy(tiny_cnn)
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(1.0)
+    key = next(k for k, v in start.state_dict().items() if v.is_floating_point() and v.numel() > 1)
+    for alpha, expected in ((0.0, start), (1.0, tuned)):
+        assert torch.allclose(interpolated_trunk(start, tuned, alpha).state_dict()[key], expected.state_dict()[key])
+    middle = interpolate_state(start.state_dict(), tuned.state_dict(), 0.5)[key]
+    assert torch.allclose(middle, (start.state_dict()[key] + tuned.state_dict()[key]) / 2)
+    with pytest.raises(TransferError, match=r"\[0, 1\]"):
+        interpolate_state(start.state_dict(), tuned.state_dict(), 1.5)
+
+
+def test_choose_alpha_prefers_the_start_within_the_tolerance():
+    assert choose_alpha({0.0: 0.80, 0.5: 0.86, 1.0: 0.85}, tolerance=0.01) == 0.5
+    assert choose_alpha({0.0: 0.80, 0.5: 0.86, 1.0: 0.85}, tolerance=0.02) == 0.5
+    assert choose_alpha({0.0: 0.855, 0.5: 0.86, 1.0: 0.85}, tolerance=0.01) == 0.0
+    assert choose_alpha({0.0: 0.70, 0.5: 0.80, 1.0: 0.90}, tolerance=0.0) == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the script
+
+
+def test_leave_one_out_run_with_every_safeguard_writes_its_recipe(roots, tmp_path):
+    mvtec, steel = roots
+    out = tmp_path / "unseen"
+    metrics = main(["--data", str(mvtec), str(steel), "--textures", "2", "--exclude-object", "magnetic tile",
+                    "--loss", "paper", "--synthesis", "mix", "--freeze-stages", "1", "--distill-weight", "0.5",
+                    "--wise-alphas", "0.5", "1", "--validation", str(steel), "--validation-count", "2",
+                    "--validation-size", "32", "--batch-size", "2", "--max-steps", "2", "--no-freeze-bn",
+                    "--output-dir", str(out), *TINY])
+    model = TABBackbone.from_pretrained(out)
+    assert "magnetic tile" not in model.config.objects and "steel strip" in model.config.objects
+    recipe = model.config.recipe
+    assert recipe["excluded_objects"] == ["magnetic tile"] and recipe["freeze_stages"] == 1
+    assert recipe["wise"]["alpha"] in (0.0, 0.5, 1.0) and set(recipe["wise"]["validation_auroc"]) == {"0.00", "0.50", "1.00"}
+    assert metrics["wise"] == recipe["wise"]
+    assert json.loads((out / "tab_config.json").read_text())["recipe"]["distill_weight"] == 0.5
+
+
+def test_wise_alphas_without_validation_data_is_refused(roots, tmp_path):
+    mvtec, _ = roots
+    with pytest.raises(SystemExit, match="needs --validation"):
+        main(["--data", str(mvtec), "--wise-alphas", "0.5", "--output-dir", str(tmp_path / "x"), *TINY])
+    with pytest.raises(SystemExit, match="not an index-mask root"):
+        main(["--data", str(mvtec), "--wise-alphas", "0.5", "--validation", str(mvtec), "--output-dir", str(tmp_path / "x"), *TINY])
