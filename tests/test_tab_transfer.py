@@ -200,3 +200,37 @@ def test_wise_alphas_without_validation_data_is_refused(roots, tmp_path):
         main(["--data", str(mvtec), "--wise-alphas", "0.5", "--output-dir", str(tmp_path / "x"), *TINY])
     with pytest.raises(SystemExit, match="not an index-mask root"):
         main(["--data", str(mvtec), "--wise-alphas", "0.5", "--validation", str(mvtec), "--output-dir", str(tmp_path / "x"), *TINY])
+
+
+# --------------------------------------------------------------------------------------------------
+# the card
+
+
+def test_card_states_what_it_was_pretrained_on_and_the_leave_one_out_numbers(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from defectclip.tab import TABConfig
+    from hub.__main__ import main as hub_main
+
+    recipe = {"data": ["neu_seg"], "textures_per_kind": 200, "excluded_objects": ["magnetic tile"], "freeze_stages": 0,
+              "distill_weight": 1.0, "freeze_bn": True,
+              "wise": {"alpha": 0.5, "tolerance": 0.01, "validation": "neu_seg",
+                       "validation_auroc": {"0.00": 0.81, "0.50": 0.84, "1.00": 0.83}}}
+    model = TABBackbone.build(TABConfig(vision="tiny:cnn", text="tiny:text", objects=["steel strip", "woven fabric"],
+                                        text_dim=32, loss="paper", recipe=recipe))
+    model.save_pretrained(tmp_path / "tab")
+    results = tmp_path / "tab_transfer.json"
+    results.write_text(json.dumps({"machine": "2-core CPU dev machine, Test CPU, one torch thread", "seeds": [0, 1],
+                                   "unseen_delta": {"patchcore": {"image": {"mean": 0.42, "std": 0.1}}}}))
+    code = hub_main(["export-tab", str(tmp_path / "tab"), str(tmp_path / "card"), "--repo-id", "defectclip/tab-effnet-lite0",
+                     "--training-data", "neu_seg", "--benchmark", str(results), "--eval-dataset-type", "magnetic_tile",
+                     "--metric", "roc_auc:PatchCore image AUROC change on an unseen object=unseen_delta.patchcore.image.mean"])
+    assert code == 0
+    card = ModelCard.load(tmp_path / "card" / "README.md")
+    text = " ".join(card.text.split())
+    assert "**Pretrained on:** steel strip, woven fabric" in text
+    assert "**leaving out magnetic tile**" in text
+    assert "feature distillation towards the start (weight 1.0)" in text
+    assert "α = 0.5, chosen on held-out real defects of neu_seg" in text and "0.50 → 0.84" in text
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [
+        ("PatchCore image AUROC change on an unseen object", 0.42)]
