@@ -234,3 +234,29 @@ def test_card_states_what_it_was_pretrained_on_and_the_leave_one_out_numbers(tmp
     assert "α = 0.5, chosen on held-out real defects of neu_seg" in text and "0.50 → 0.84" in text
     assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [
         ("PatchCore image AUROC change on an unseen object", 0.42)]
+
+
+# --------------------------------------------------------------------------------------------------
+# the embedded default's TAB step
+
+
+def test_build_scripts_tab_step_runs_the_general_recipe(tmp_path, monkeypatch):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("build_embedded_default", root / "scripts" / "build_embedded_default.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    tile = write_mvtec_category(tmp_path / "data", "magnetic_tile")
+    write_index_mask_dataset(tmp_path / "data" / "neu_seg", n=6)
+    commands = []
+    monkeypatch.setattr(build, "run", lambda step, args, artifact: commands.append(args))
+    out = build.pretrain_tab(tile, tmp_path / "work", steps=1)
+    (command,) = commands
+    assert command[:2] == ["-m", "train.tab_pretrain"] and str(tmp_path / "data" / "neu_seg") in command
+    # The same flags with tiny towers and a tiny validation (later flags win in argparse), in-process.
+    main([*command[2:], *TINY, "--batch-size", "2", "--validation-count", "2", "--validation-size", "32",
+          "--no-freeze-bn", "--textures", "2"])
+    config = json.loads((out / "tab_config.json").read_text())
+    assert "magnetic tile" in config["objects"] and "steel strip" in config["objects"]
+    assert config["loss"] == "paper" and config["recipe"]["wise"]["alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0)
