@@ -260,3 +260,22 @@ def test_build_scripts_tab_step_runs_the_general_recipe(tmp_path, monkeypatch):
     config = json.loads((out / "tab_config.json").read_text())
     assert "magnetic tile" in config["objects"] and "steel strip" in config["objects"]
     assert config["loss"] == "paper" and config["recipe"]["wise"]["alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_an_interrupted_general_run_resumes_to_the_same_weights_and_alpha(roots, tmp_path):
+    from safetensors.torch import load_file
+
+    mvtec, steel = roots
+    flags = ["--data", str(mvtec), str(steel), "--textures", "2", "--loss", "paper", "--synthesis", "mix",
+             "--distill-weight", "0.5", "--freeze-stages", "1", "--wise-alphas", "0.5", "1", "--validation", str(steel),
+             "--validation-count", "2", "--validation-size", "32", "--batch-size", "2", "--lr-schedule", "constant",
+             "--lr", "0.05", "--log-every", "1", "--no-freeze-bn", *TINY]
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    main([*flags, "--output-dir", str(interrupted), "--max-steps", "3", "--checkpointing-steps", "3"])
+    resumed = main([*flags, "--output-dir", str(interrupted), "--max-steps", "6", "--checkpointing-steps", "3",
+                    "--resume", "latest"])
+    whole = main([*flags, "--output-dir", str(straight), "--max-steps", "6", "--checkpointing-steps", "100"])
+    assert resumed["micro_batches_this_run"] == 3 and resumed["loss_history"] == whole["loss_history"]
+    assert resumed["wise"] == whole["wise"]
+    mine, theirs = load_file(str(interrupted / "model.safetensors")), load_file(str(straight / "model.safetensors"))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
