@@ -30,7 +30,6 @@ import eval_backbones  # noqa: E402
 
 from defectclip.io import write_json_atomic  # noqa: E402
 
-TRUNKS = ("imagenet", "unseen", "seen")
 METRICS = {"image_auroc": "image", "pixel_auroc": "pixel"}
 # Settings that change the numbers: a cached run is reused only if all of them match.
 SETTINGS = ("data", "categories", "methods", "seeds", "image_size", "plan", "max_train", "max_test", "coreset_ratio", "padim_d")
@@ -42,6 +41,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--imagenet", default="offline:efficientnet_lite0", help="the start trunk's spec")
     parser.add_argument("--unseen", required=True, help="TAB trunk pretrained without this object (spec)")
     parser.add_argument("--seen", default=None, help="TAB trunk pretrained with this object (spec; optional)")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=SPEC",
+                        help="more trunks to score against ImageNet, reported as <NAME>_delta (e.g. a run at alpha 1)")
+    parser.add_argument("--candidates", nargs="*", default=[], metavar="NAME=FOLDER",
+                        help="other pretraining runs compared on their validation only (their tab_config.json)")
     parser.add_argument("--methods", nargs="+", default=["patchcore", "padim"], help="scoring methods")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds")
     parser.add_argument("--image-size", type=int, default=224, help="model input size")
@@ -79,6 +82,50 @@ def cached_run(spec: str, name: str, args: argparse.Namespace) -> dict:
             return report
     print(f"{name}: running eval_backbones on {spec}", flush=True)
     return eval_backbones.main(argv)
+
+
+def same_weights(spec: str, other: str) -> bool:
+    """True when two specs build trunks with identical tensors (e.g. a WiSE choice of alpha = 0)."""
+    from defectclip.towers import build_vision_tower
+
+    mine, theirs = build_vision_tower(spec).state_dict(), build_vision_tower(other).state_dict()
+    return mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape and bool((mine[k] == theirs[k]).all())
+                                                for k in mine)
+
+
+def trunk_report(spec: str, name: str, args: argparse.Namespace, imagenet: dict) -> dict:
+    """A trunk whose weights are the start's, tensor for tensor, has the start's numbers: reuse them
+    (and say so) instead of spending a CPU quarter-hour to measure the same features again."""
+    if same_weights(spec, args.imagenet):
+        print(f"{name}: {spec} has exactly the weights of {args.imagenet}; its numbers are the start's", flush=True)
+        return {**imagenet, "identical_to_imagenet": True}
+    return cached_run(spec, name, args)
+
+
+def run_facts(spec: str) -> dict | None:
+    """How a local TAB trunk was pretrained: its tab_config.json recipe and metrics.json cost."""
+    if not spec.startswith("local-dir:"):
+        return None
+    folder = Path(spec.split(":", 1)[1])
+    facts = {}
+    if (folder / "tab_config.json").is_file():
+        config = json.loads((folder / "tab_config.json").read_text())
+        facts.update(objects=config["objects"], loss=config["loss"], synthesis=config["synthesis"],
+                     image_size=config["image_size"], recipe=config.get("recipe", {}))
+    if (folder / "metrics.json").is_file():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        facts.update({k: metrics.get(k) for k in ("steps", "wall_seconds", "images_per_second", "first_loss", "final_loss")})
+    return facts or None
+
+
+def named(pairs: Sequence[str], flag: str) -> dict[str, str]:
+    out = {}
+    for text in pairs:
+        name, sep, value = text.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"{flag} {text!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
 
 
 def per_seed(report: dict, method: str, metric: str) -> dict[int, float]:
@@ -127,7 +174,7 @@ def markdown(result: dict) -> str:
              f"seeds {result['seeds']}. Machine: {result['machine']}.", "",
              "| trunk | method | image AUROC (%) | pixel AUROC (%) | image Δ vs ImageNet | pixel Δ vs ImageNet |",
              "|---|---|---|---|---|---|"]
-    for name in [t for t in TRUNKS if t in result["trunks"]]:
+    for name in result["trunks"]:
         for method in result["methods"]:
             cells = result["absolute"][name][method]
             delta = result.get(f"{name}_delta", {}).get(method, {})
@@ -135,7 +182,18 @@ def markdown(result: dict) -> str:
             sign = lambda c: "–" if c is None else f"{c['mean']:+.2f} ± {c['std']:.2f}"  # noqa: E731
             lines.append(f"| {name} (`{result['trunks'][name]}`) | {method} | {fmt(cells['image'])} | {fmt(cells['pixel'])} "
                          f"| {sign(delta.get('image'))} | {sign(delta.get('pixel'))} |")
-    lines += ["", "Δ: per-seed difference to ImageNet (same seed), mean ± standard deviation over seeds.", "",
+    lines += ["", "Δ: per-seed difference to ImageNet (same seed), mean ± standard deviation over seeds."]
+    for name in result["identical_to_imagenet"]:
+        lines.append(f"`{name}` has exactly the ImageNet trunk's weights (its WiSE rule chose alpha = 0): its "
+                     "numbers are the start's, Δ = 0 by construction.")
+    lines += ["", "Pretraining (this CPU, one torch thread):", "",
+              "| trunk | objects | steps | wall (s) | images/s | WiSE alpha (validation AUROC per alpha) |", "|---|---|---|---|---|---|"]
+    for name, facts in {**result["pretraining"], **result["candidates"]}.items():
+        wise = facts.get("recipe", {}).get("wise", {})
+        lines.append(f"| {name} | {', '.join(facts.get('objects', []))} | {facts.get('steps')} | "
+                     f"{facts.get('wall_seconds') or 0:.0f} | {facts.get('images_per_second') or 0:.1f} | "
+                     f"{wise.get('alpha')} ({wise.get('validation_auroc')}) |")
+    lines += ["",
               "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in result["targets_met"].items()), ""]
     return "\n".join(lines)
 
@@ -143,8 +201,11 @@ def markdown(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    specs = {"imagenet": args.imagenet, "unseen": args.unseen, **({"seen": args.seen} if args.seen else {})}
-    reports = {name: cached_run(spec, name, args) for name, spec in specs.items()}
+    specs = {"imagenet": args.imagenet, "unseen": args.unseen, **({"seen": args.seen} if args.seen else {}),
+             **named(args.extra, "--extra")}
+    reports = {"imagenet": cached_run(args.imagenet, "imagenet", args)}
+    for name, spec in list(specs.items())[1:]:
+        reports[name] = trunk_report(spec, name, args, reports["imagenet"])
     first = reports["imagenet"]["runs"][0]
     result = {
         "data": args.data, "machine": reports["imagenet"]["machine"], "seeds": args.seeds, "methods": args.methods,
@@ -152,11 +213,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "images": f"{first['num_train']} train / {first['num_test']} test"
                   + (" (a subset)" if args.max_train or args.max_test else " (full data set)"),
         "trunks": specs,
-        "unseen_delta": deltas(reports["unseen"], reports["imagenet"], args.methods),
-        **({"seen_delta": deltas(reports["seen"], reports["imagenet"], args.methods)} if "seen" in reports else {}),
+        **{f"{name}_delta": deltas(report, reports["imagenet"], args.methods)
+           for name, report in reports.items() if name != "imagenet"},
+        "identical_to_imagenet": [name for name, r in reports.items() if r.get("identical_to_imagenet")],
+        "pretraining": {name: run_facts(spec) for name, spec in specs.items() if run_facts(spec)},
+        "candidates": {name: run_facts(f"local-dir:{folder}") for name, folder in named(args.candidates, "--candidates").items()},
         "absolute": {name: {m: {label: absolute(r, m, metric) for metric, label in METRICS.items()} for m in args.methods}
                      for name, r in reports.items()},
-        "eval_wall_s": {name: round(r["wall_s"], 1) for name, r in reports.items()},
+        "eval_wall_s": {name: round(r["wall_s"], 1) for name, r in reports.items() if not r.get("identical_to_imagenet")},
         "wall_s_this_call": round(time.perf_counter() - started, 1),
     }
     result["targets_met"] = targets_met(result, args.methods)

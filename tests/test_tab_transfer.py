@@ -279,3 +279,52 @@ def test_an_interrupted_general_run_resumes_to_the_same_weights_and_alpha(roots,
     assert resumed["wise"] == whole["wise"]
     mine, theirs = load_file(str(interrupted / "model.safetensors")), load_file(str(straight / "model.safetensors"))
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_tab_wise_writes_a_finished_run_at_another_alpha(roots, tmp_path):
+    from safetensors.torch import load_file
+
+    from train import tab_wise
+
+    _, steel = roots
+    run = tmp_path / "run"
+    main(["--data", str(steel), "--textures", "2", "--loss", "paper", "--wise-alphas", "1", "--wise-tolerance", "1",
+          "--validation", str(steel), "--validation-count", "2", "--validation-size", "32", "--batch-size", "2",
+          "--max-steps", "2", "--lr", "0.05", "--no-freeze-bn", "--output-dir", str(run), *TINY])
+    chosen = TABBackbone.from_pretrained(run)
+    assert chosen.config.recipe["wise"]["alpha"] == 0.0  # a tolerance of 1 always keeps the start
+    start = build_vision_tower("tiny:cnn").state_dict()
+    tuned = tab_wise.tuned_model(run).trunk.state_dict()
+    assert any(not torch.equal(tuned[k], start[k]) for k in start)
+    out = tab_wise.main([str(run), str(tmp_path / "alpha1"), "--alpha", "1"])
+    written = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(written[k.removeprefix("model.")], v) for k, v in tuned.items() if k.startswith("model."))
+    config = json.loads((out / "tab_config.json").read_text())
+    assert config["recipe"]["wise"]["alpha"] == 1.0 and "hand" in config["recipe"]["wise"]["chosen_by"]
+    with pytest.raises(SystemExit, match="exists"):
+        tab_wise.main([str(run), str(out), "--alpha", "0.5"])
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark's arithmetic
+
+
+def test_transfer_deltas_are_paired_by_seed_and_judged_against_the_targets():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import eval_tab_transfer as bench
+
+    def report(values):
+        return {"runs": [{"method": "patchcore", "seed": seed, "image_auroc": image, "pixel_auroc": pixel}
+                         for seed, (image, pixel) in enumerate(values)]}
+
+    start = report([(0.80, 0.70), (0.90, 0.72)])
+    unseen = report([(0.81, 0.69), (0.91, 0.72)])
+    seen = report([(0.83, 0.75), (0.92, 0.75)])
+    delta = bench.paired_delta(unseen, start, "patchcore", "image_auroc")
+    assert delta["mean"] == pytest.approx(1.0) and delta["std"] == pytest.approx(0.0)
+    result = {"unseen_delta": bench.deltas(unseen, start, ["patchcore"]), "seen_delta": bench.deltas(seen, start, ["patchcore"])}
+    assert result["unseen_delta"]["patchcore"]["pixel"]["mean"] == pytest.approx(-0.5)
+    # unseen: the image gain does not excuse the pixel loss; seen: +2.5 image points >= +1.5.
+    assert bench.targets_met(result, ["patchcore"]) == {"unseen_patchcore": False, "seen_patchcore": True}
