@@ -447,6 +447,9 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         split = urlsplit(self.path)
         record = hub._record(self.command, split.path)
+        # _send stamps the status before the answer leaves, so a test reading it after the client returns
+        # never sees a request that was answered but not yet recorded.
+        self._current_record = record
         body = self._read_body()
         hub._run_hooks(self.command, split.path)
         rule = hub._injected_failure(self.command, split.path)
@@ -501,6 +504,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.hub._authorized(self.headers.get("Authorization"))
 
     def _send(self, status: int, body: bytes, headers: dict) -> None:
+        self._current_record.status = status
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, str(value))
