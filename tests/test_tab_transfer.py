@@ -234,6 +234,12 @@ def test_card_states_what_it_was_pretrained_on_and_the_leave_one_out_numbers(tmp
     assert "α = 0.5, chosen on held-out real defects of neu_seg" in text and "0.50 → 0.84" in text
     assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [
         ("PatchCore image AUROC change on an unseen object", 0.42)]
+    assert "exactly the weights" not in text  # only said when the rule kept the start (alpha = 0)
+    recipe["wise"]["alpha"] = 0.0
+    model.config.recipe = recipe
+    model.save_pretrained(tmp_path / "tab0")
+    assert hub_main(["export-tab", str(tmp_path / "tab0"), str(tmp_path / "card0"), "--repo-id", "x/tab0"]) == 0
+    assert "these are exactly the weights of `tiny:cnn`" in " ".join((tmp_path / "card0" / "README.md").read_text().split())
 
 
 # --------------------------------------------------------------------------------------------------
