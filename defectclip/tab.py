@@ -42,9 +42,11 @@ CONFIG_NAME = "tab_config.json"
 HEAD_WEIGHTS = "projection.safetensors"
 LOSSES = ("joint", "paper")
 HEADS = ("linear", "mlp")
-SYNTHESES = tuple(SYNTHESIS_METHODS)  # "nsa" (TAB's choice), "cutpaste", "perlin"
+MIXED_SYNTHESIS = "mix"  # each pair draws one of NSA, CutPaste, Perlin
+SYNTHESES = (*SYNTHESIS_METHODS, MIXED_SYNTHESIS)  # "nsa" (TAB's choice), "cutpaste", "perlin", "mix"
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: beyond 100 the softmax saturates and training stalls
+SYNTHESIS_METHODS_ORDER = tuple(sorted(SYNTHESIS_METHODS))  # a fixed order: "mix" draws reproducibly
 SYNTHESIS_TRIES = 3  # redraws when a synthesis changed no pixel (e.g. a flat patch on flat ground)
 
 
@@ -70,6 +72,9 @@ class TABConfig:
     synthesis: str = "nsa"
     prompts: dict = field(default_factory=lambda: PromptSettings().to_dict())
     step: int = 0
+    # What it was pretrained on and how it was kept near its start (data roots, excluded objects,
+    # frozen stages, distillation weight, the WiSE alpha and its validation): for cards and audits.
+    recipe: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("loss", self.loss, LOSSES), ("head", self.head, HEADS),
@@ -304,12 +309,13 @@ class SyntheticPairs(torch.utils.data.Dataset):
     never sees attributes set in the main process after they started.
     """
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], image_size: int, synthesis: str, seed: int):
+    def __init__(self, paths: Sequence, labels: Sequence[int], image_size: int, synthesis: str, seed: int):
         if len(paths) != len(labels) or not paths:
             raise TABError("SyntheticPairs needs one label per image and at least one image.")
         if synthesis not in SYNTHESES:
             raise TABError(f"Unknown synthesis {synthesis!r}; use one of {SYNTHESES}.")
-        self.paths = [Path(p) for p in paths]
+        # A file path, or a source with `load()` (defectclip.tab_sources: crops, generated textures).
+        self.paths = [p if hasattr(p, "load") else Path(p) for p in paths]
         self.labels = [int(label) for label in labels]
         self.image_size = int(image_size)
         self.synthesis = synthesis
@@ -322,7 +328,9 @@ class SyntheticPairs(torch.utils.data.Dataset):
         return len(self.paths)
 
     def load(self, index: int) -> np.ndarray:
-        return resize_square(load_image_array(self.paths[index]), self.image_size)
+        source = self.paths[index]
+        image = source.load() if hasattr(source, "load") else load_image_array(source)
+        return resize_square(image, self.image_size)
 
     def partner(self, index: int, rng: np.random.Generator) -> int:
         """Another image of the same object (the image itself when it is the only one)."""
@@ -330,8 +338,12 @@ class SyntheticPairs(torch.utils.data.Dataset):
         return int(rng.choice(candidates)) if candidates else index
 
     def make_anomaly(self, image: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        method = self.synthesis
+        if method == MIXED_SYNTHESIS:
+            # Three kinds of anomaly, so the loss cannot be lowered by learning one method's blending cue.
+            method = SYNTHESIS_METHODS_ORDER[int(rng.integers(len(SYNTHESIS_METHODS_ORDER)))]
         for _ in range(SYNTHESIS_TRIES):
-            anomalous, mask = synthesize(self.synthesis, image, other, rng)
+            anomalous, mask = synthesize(method, image, other, rng)
             if mask.any():
                 break
         return anomalous

@@ -101,7 +101,8 @@ def test_only_blank_references_are_refused(tower):
 def test_one_feature_pass_per_image_and_no_refit(tower, references, monkeypatch):
     embedded = []
     original = PatchFeatures.embed
-    monkeypatch.setattr(PatchFeatures, "embed", lambda self, batch: embedded.append(len(batch)) or original(self, batch))
+    monkeypatch.setattr(PatchFeatures, "embed",
+                        lambda self, batch, **kw: embedded.append(len(batch)) or original(self, batch, **kw))
     monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("few-shot must not refit a bank"))
     refs = references[:4]
     fit_few_shot(refs, tower, image_size=64)

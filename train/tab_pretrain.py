@@ -16,6 +16,7 @@ tab_config.json) plus metrics.json, and `checkpoints/` for `--resume latest`.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import sys
@@ -24,11 +25,17 @@ from pathlib import Path
 
 import torch
 
-from defectclip.data import DataError, MVTecDataset
+from defectclip.data import DataError
 from defectclip.io import write_json_atomic
 from defectclip.prompts import PROMPT_LEVELS, PromptSettings, class_text_vectors
 from defectclip.tab import (
     HEADS, LOSSES, SYNTHESES, EpochShuffle, SyntheticPairs, TABBackbone, TABConfig, TABError, check_loss, pair_loss,
+    to_model_input,
+)
+from defectclip.tab_sources import SourceError, collect_sources, is_index_mask_root, steel_validation
+from defectclip.tab_transfer import (
+    FeatureDistillation, TransferError, ValidationSet, captured_stages, choose_alpha, freeze_early_stages,
+    interpolated_trunk, validation_auroc,
 )
 from defectclip.towers import TowerError, build_text_tower, build_vision_tower
 if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
@@ -49,7 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.tab_pretrain", description=__doc__.split("\n")[0])
     tab = parser.add_argument_group("TAB")
     tab.add_argument("--data", type=Path, nargs="+", required=True,
-                     help="MVTec-layout roots or category folders; only <category>/train/good is read")
+                     help="MVTec-layout roots or category folders (<category>/train/good is read), and index-mask "
+                          "roots (classes.json: mask-free crops of images/train)")
+    tab.add_argument("--textures", type=int, default=0,
+                     help="generated defect-free textures per kind (grain, brushed stripes, weave), each kind an object")
+    tab.add_argument("--exclude-object", nargs="*", default=[], metavar="NAME",
+                     help="objects left out (the leave-one-out run), e.g. 'magnetic tile'")
+    tab.add_argument("--max-images-per-object", type=int, default=None,
+                     help="cap per object (evenly spaced), so a large data set does not dominate the loss")
     tab.add_argument("--vision", default="timm:resnet18",
                      help="vision trunk spec (timm CNN); offline: offline:efficientnet_lite0, tests: tiny:cnn")
     tab.add_argument("--text", default="open_clip:ViT-B-16/laion400m_e32",
@@ -73,13 +87,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           "still train). On by default: on magnetic_tile (one category, 16 images a step) the "
                           "trunk then matched or beat its ImageNet start in PatchCore and PaDiM, and fell "
                           "5-13 image-AUROC points below it without (benchmarks/results/tab.md)")
+    add_transfer_args(parser)
     common.add_common_args(parser, batch_size=32, lr=0.01)
     args = parser.parse_args(argv)
     common.check_common_args(args)
     if args.image_size is not None and args.image_size < 32:
         raise SystemExit(f"--image-size must be at least 32 pixels, got {args.image_size}")
+    check_transfer_args(args)
     check_fresh_output(args)
     return args
+
+
+def add_transfer_args(parser: argparse.ArgumentParser) -> None:
+    """Ways to keep what the ImageNet start knows (defectclip.tab_transfer); all off by default."""
+    keep = parser.add_argument_group("keeping the start's features")
+    keep.add_argument("--freeze-stages", type=int, default=0,
+                      help="freeze the stem and this many of the trunk's first feature stages (0: train all)")
+    keep.add_argument("--distill-weight", type=float, default=0.0,
+                      help="weight of the feature-distillation term towards the frozen start trunk (0: off)")
+    keep.add_argument("--wise-alphas", type=float, nargs="*", default=[],
+                      help="after training, save (1-a)*start + a*tuned for the a in this list (0 is always "
+                           "added) with the best --validation AUROC; the smallest a within --wise-tolerance of it")
+    keep.add_argument("--wise-tolerance", type=float, default=0.01,
+                      help="AUROC margin within which the smaller alpha (nearer the start) is preferred")
+    keep.add_argument("--validation", type=Path, default=None,
+                      help="index-mask root whose *test* split gives the real-defect validation crops for --wise-alphas")
+    keep.add_argument("--validation-count", type=int, default=60,
+                      help="validation crops per group (fit normals, held-out normals, defects)")
+    keep.add_argument("--validation-size", type=int, default=224, help="PatchCore input size for the validation")
+
+
+def check_transfer_args(args: argparse.Namespace) -> None:
+    if args.textures < 0 or args.freeze_stages < 0 or args.distill_weight < 0:
+        raise SystemExit("--textures, --freeze-stages and --distill-weight must not be negative.")
+    if any(not 0.0 <= a <= 1.0 for a in args.wise_alphas):
+        raise SystemExit(f"--wise-alphas must lie in [0, 1] (0 = the start, 1 = the tuned trunk); got {args.wise_alphas}")
+    if args.wise_alphas and args.validation is None:
+        raise SystemExit("--wise-alphas needs --validation <index-mask root> (e.g. neu_seg): alpha is chosen on "
+                         "its held-out real defects, never on a test set.")
+    if args.validation is not None and not is_index_mask_root(args.validation):
+        raise SystemExit(f"--validation {args.validation}: not an index-mask root (no classes.json there).")
 
 
 def check_fresh_output(args: argparse.Namespace) -> None:
@@ -93,15 +140,15 @@ def check_fresh_output(args: argparse.Namespace) -> None:
 # building
 
 
-def list_training_images(roots: list[Path]) -> tuple[list[Path], list[int], list[str]]:
-    """train/good images of every category under the roots, their object index, and the object names."""
+def list_training_images(args: argparse.Namespace) -> tuple[list, list[int], list[str]]:
+    """Defect-free sources of every root and generated texture, their object index, and the object names."""
     try:
-        refs = [ref for root in roots for ref in MVTecDataset(root, "train").refs]
-    except DataError as err:
+        sources = collect_sources(args.data, args.textures, args.exclude_object, args.max_images_per_object, args.seed)
+    except (DataError, SourceError) as err:
         raise SystemExit(f"--data: {err}") from err
-    objects = sorted({ref.object for ref in refs})
+    objects = sorted({source.object for source in sources})
     index = {name: i for i, name in enumerate(objects)}
-    return [ref.image_path for ref in refs], [index[ref.object] for ref in refs], objects
+    return sources, [index[source.object] for source in sources], objects
 
 
 def build_text_vectors(args: argparse.Namespace, objects: list[str], device) -> tuple[torch.Tensor, int]:
@@ -122,10 +169,27 @@ def build_model(args: argparse.Namespace, objects: list[str], text_dim: int) -> 
         trunk = build_vision_tower(args.vision)
         config = TABConfig(vision=args.vision, text=args.text, objects=objects, text_dim=text_dim, loss=args.loss,
                            head=args.head, image_size=args.image_size, synthesis=args.synthesis,
-                           prompts=PromptSettings(args.prompts).to_dict())
-        return TABBackbone.build(config, trunk)
-    except (TowerError, TABError) as err:
+                           prompts=PromptSettings(args.prompts).to_dict(), recipe=recipe_of(args))
+        model = TABBackbone.build(config, trunk)
+        freeze_early_stages(model.trunk, args.freeze_stages)
+        return model
+    except (TowerError, TABError, TransferError) as err:
         raise SystemExit(f"--vision: {err}") from err
+
+
+def recipe_of(args: argparse.Namespace) -> dict:
+    """The data and anti-forgetting settings, kept in tab_config.json (a WiSE choice is added at the end)."""
+    return {"data": [Path(root).name for root in args.data], "textures_per_kind": args.textures,
+            "excluded_objects": list(args.exclude_object), "max_images_per_object": args.max_images_per_object,
+            "freeze_stages": args.freeze_stages, "distill_weight": args.distill_weight, "freeze_bn": args.freeze_bn,
+            "lr": args.lr, "optimizer": args.optimizer}
+
+
+def build_distillation(args: argparse.Namespace, device) -> FeatureDistillation | None:
+    """The frozen start trunk to distil towards: the --vision spec built again (the same weights on resume)."""
+    if args.distill_weight <= 0:
+        return None
+    return FeatureDistillation(build_vision_tower(args.vision)).to(device)
 
 
 def build_loader(dataset: SyntheticPairs, args: argparse.Namespace, generator: torch.Generator):
@@ -166,10 +230,28 @@ def run_steps(accelerator, progress, model, optimizer, scheduler, loader, sample
     if args.freeze_bn:
         freeze_batchnorm_statistics(model)
     started = time.perf_counter()
+    distillation = build_distillation(args, accelerator.device)
     common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
-                      lambda batch, step: pair_loss(model, batch, text_vectors, args.loss, preprocess),
+                      lambda batch, step: step_loss(model, batch, text_vectors, args, preprocess, distillation),
                       args, total, "TAB")
     return batches.count, time.perf_counter() - started
+
+
+def step_loss(model, batch: dict, text_vectors: torch.Tensor, args, preprocess,
+              distillation: FeatureDistillation | None) -> torch.Tensor:
+    """TAB's loss of one batch, plus the weighted distillation term when it is on."""
+    if distillation is None:
+        return pair_loss(model, batch, text_vectors, args.loss, preprocess)
+    trunk = common_unwrap(model).trunk
+    with captured_stages(trunk, distillation.stages) as student:
+        loss = pair_loss(model, batch, text_vectors, args.loss, preprocess)
+    images = to_model_input(torch.cat([batch["normal"], batch["anomalous"]]), preprocess)
+    return loss + args.distill_weight * distillation.loss(student, images)
+
+
+def common_unwrap(model):
+    """The TABBackbone inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 class CountingIterator:
@@ -227,6 +309,35 @@ def fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def load_validation(args: argparse.Namespace) -> ValidationSet:
+    fit, normal, defective = steel_validation(args.validation, args.validation_count, seed=args.seed)
+    return ValidationSet(*([c.load() for c in group] for group in (fit, normal, defective)), name=args.validation.name)
+
+
+def average_with_start(model: TABBackbone, args: argparse.Namespace, say=print) -> TABBackbone:
+    """WiSE: the trunk (1-a)*start + a*tuned, a chosen by choose_alpha on held-out real defects.
+
+    The tuned weights stay in the checkpoints, so a resume redoes this choice identically.
+    """
+    start = build_vision_tower(args.vision)
+    tuned = copy.deepcopy(model.trunk).cpu().eval()
+    data = load_validation(args)
+    aurocs = {}
+    for alpha in sorted({0.0, *args.wise_alphas}):
+        aurocs[alpha] = validation_auroc(interpolated_trunk(start, tuned, alpha), data, args.validation_size, args.seed)
+        say(f"WiSE alpha {alpha:.2f}: validation image AUROC {aurocs[alpha]:.4f} ({data.name})")
+    alpha = choose_alpha(aurocs, args.wise_tolerance)
+    averaged = copy.deepcopy(model).cpu()
+    averaged.trunk = interpolated_trunk(start, tuned, alpha)
+    averaged.trunk.preprocess = tuned.preprocess
+    averaged.config.recipe = {**averaged.config.recipe, "wise": {
+        "alpha": alpha, "tolerance": args.wise_tolerance, "validation": data.name,
+        "validation_auroc": {f"{a:.2f}": round(v, 4) for a, v in aurocs.items()},
+        "validation_images": {"fit": len(data.fit), "normal": len(data.normal), "defective": len(data.defective)}}}
+    say(f"WiSE: kept alpha {alpha:.2f}")
+    return averaged
+
+
 def run_metrics(progress, micro_batches: int, seconds: float, args, accelerator) -> dict:
     images = micro_batches * 2 * args.batch_size * accelerator.num_processes  # normal + synthetic
     return {
@@ -250,7 +361,7 @@ def run_metrics(progress, micro_batches: int, seconds: float, args, accelerator)
 
 def prepare_training(args, accelerator):
     """Data, text vectors and model, each failing with a message that names the flag to change."""
-    paths, labels, objects = list_training_images(args.data)
+    paths, labels, objects = list_training_images(args)
     try:
         check_loss(args.loss, len(objects))
     except TABError as err:
@@ -280,7 +391,11 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = run_metrics(progress, micro_batches, seconds, args, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_artifact(accelerator.unwrap_model(model), args.output_dir, metrics, progress.step)
+        final = accelerator.unwrap_model(model)
+        if args.wise_alphas:
+            final = average_with_start(final, args, accelerator.print)
+            metrics["wise"] = final.config.recipe["wise"]
+        save_artifact(final, args.output_dir, metrics, progress.step)
     common.push_trained(accelerator.unwrap_model(model), args, accelerator, training_data=common.known_sources(args.data))
     accelerator.end_training()
     return metrics

@@ -27,6 +27,7 @@ from ..schema import MAX_SIGMA, Config, check_number, check_preprocess, check_te
 from ..towers import TowerError, VisionTower, build_vision_tower, split_spec
 from .errors import ScoringError
 from .features import PatchFeatures, ViewBatch, check_layers, default_layers
+from .inference import resolve_inference
 from .inputs import as_image_source, chunked, dataset_labels, iter_view_groups, normal_subset
 from .maps import DEFAULT_SIGMA, patch_scores_to_maps
 from .plan import InputPlan, crop, parse_plan, stitch
@@ -146,6 +147,9 @@ class FeatureScorer(Artifact, abc.ABC):
     method_config_keys: ClassVar[set[str]]
     constructor_keys: ClassVar[tuple[str, ...]]
     state_keys: ClassVar[set[str]]
+    # Whether "auto" inference may run this method's tower in bfloat16: only where its quality was
+    # measured that way (PatchCore: benchmarks/results/vs_anomalib_full.md).
+    bf16_features: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -157,7 +161,13 @@ class FeatureScorer(Artifact, abc.ABC):
         device: str | torch.device | None,
         batch_size: int,
         plan: InputPlan | str | None = None,
+        inference: str = "auto",
     ):
+        """`inference`: how the frozen tower runs (see `inference.py`): "exact", "folded" (BatchNorm
+        folded into the convolutions: the same features up to float rounding, faster), "bf16" (the
+        folded tower in bfloat16) or "auto" (bf16 on an AMX CPU for methods whose quality was measured
+        with it, `bf16_features`; folded on other CPUs; exact on a GPU). Not saved with the model: it
+        is a property of the machine, like the search."""
         if batch_size < 1:
             raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
         try:
@@ -172,13 +182,36 @@ class FeatureScorer(Artifact, abc.ABC):
         if image_size is None and self.plan.is_tiled:
             image_size = self.plan.tile  # tiles are scored at their native resolution by default
         self.preprocess = preprocess.with_size(image_size) if image_size is not None else preprocess
-        self.features = PatchFeatures(self.tower, self.layers, self.preprocess, self.local_average)
+        self._inference = inference
+        self.features = PatchFeatures(self.tower, self.layers, self.preprocess, self.local_average,
+                                      self._resolved_inference())
         self.sigma = float(sigma)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
         self.threshold: float | None = None
         self.calibration: str | None = None
         self.num_train_images = 0
+
+    # ---- how the tower runs
+
+    @property
+    def inference(self) -> str:
+        """The requested inference mode ("auto", "exact", "folded" or "bf16"); settable."""
+        return self._inference
+
+    @inference.setter
+    def inference(self, mode: str) -> None:
+        resolved = resolve_inference(mode, self.device, self.bf16_features)  # refuses an unknown mode first
+        self._inference = mode
+        self.features.inference = resolved
+
+    @property
+    def inference_mode(self) -> str:
+        """The mode the tower runs in here: "exact", "folded" or "bf16"."""
+        return self.features.inference
+
+    def _resolved_inference(self) -> str:
+        return resolve_inference(self._inference, self.device, self.bf16_features)
 
     # ---- fitting and scoring
 
@@ -190,7 +223,12 @@ class FeatureScorer(Artifact, abc.ABC):
     def fit(self, images: Any) -> "FeatureScorer":
         """Learn what normal patches look like from defect-free images (or a dataset's normal ones)."""
         normal = normal_subset(images)
-        return self.fit_embedded(self.embed(normal), len(normal))
+        # The state is learnt from the exact tower whatever `inference` says: the coreset's greedy
+        # selection amplifies the smallest feature change into another bank (float32 BatchNorm folding
+        # alone, ~1e-7 relative, moved image AUROC by 0.4 point on the full magnetic tile, as another
+        # seed would), so a fast tower would make the saved model depend on the machine that fitted it.
+        # Fitting costs the extraction once per training image; scoring is what runs on every image.
+        return self.fit_embedded(self.embed(normal, exact=True), len(normal))
 
     def fit_embedded(self, batches: Iterable[ViewBatch], num_images: int) -> "FeatureScorer":
         """fit() on features from `embed` (so one extraction can serve several seeds or methods).
@@ -205,12 +243,14 @@ class FeatureScorer(Artifact, abc.ABC):
         return self
 
     @torch.no_grad()
-    def embed(self, images: Any) -> Iterator[ViewBatch]:
-        """Patch features of every window the input plan cuts the images into, a few images at a time."""
+    def embed(self, images: Any, exact: bool = False) -> Iterator[ViewBatch]:
+        """Patch features of every window the input plan cuts the images into, a few images at a time;
+        from the tower as `inference` runs it, or the exact tower (`exact=True`, what fit uses)."""
         groups = iter_view_groups(as_image_source(images), self.plan, self.batch_size, self.features.min_size, self.tower.spec)
         for group in groups:
             embeddings = [
-                self.features(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device))
+                self.features.embed(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device),
+                                    exact=exact)
                 for chunk in chunked(group.windows, self.batch_size)
             ]
             yield ViewBatch(torch.cat(embeddings), group.windows, [tuple(im.shape[-2:]) for im in group.images])
@@ -350,7 +390,8 @@ class FeatureScorer(Artifact, abc.ABC):
         except ScoringError as err:
             raise ArtifactError(f"{Path(folder) / CONFIG_NAME} does not fit its tower: {err}") from err
         scorer.preprocess = preprocess
-        scorer.features = PatchFeatures(scorer.tower, scorer.layers, preprocess, cls.local_average)
+        scorer.features = PatchFeatures(scorer.tower, scorer.layers, preprocess, cls.local_average,
+                                        scorer.inference_mode)
         weights = Path(folder) / WEIGHTS_NAME
         for key, tensor in tensors.items():
             check_tensor(tensor, key, weights, floating=tensor.is_floating_point() or key != "channels")

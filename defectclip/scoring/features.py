@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..data import Preprocess, normalize, resize
 from ..towers import VisionTower
 from .errors import ScoringError
+from .inference import inference_tower
 from .plan import Box
 
 
@@ -62,11 +63,15 @@ _CENTRE_OFFSETS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 class PatchFeatures:
     """Tower stages -> one feature vector per patch, shaped N x C x h x w at the finest stage's grid."""
 
-    def __init__(self, tower: VisionTower, layers: Sequence[str], preprocess: Preprocess, local_average: bool):
+    def __init__(self, tower: VisionTower, layers: Sequence[str], preprocess: Preprocess, local_average: bool,
+                 inference: str = "exact"):
+        """`inference`: how the tower runs, a resolved mode of `inference.resolve_inference` ("exact":
+        the tower as it is; "folded": BatchNorm folded into the convolutions; "bf16": that, in bfloat16)."""
         self.tower = tower
         self.layers = list(layers)
         self.preprocess = preprocess
         self.local_average = local_average
+        self.inference = inference
         self.min_size = coarsest_stride(tower, layers)
         self._centre_offset: tuple[float, float] | None = None
         check_model_size(preprocess.size, self.min_size, tower.spec)
@@ -105,13 +110,19 @@ class PatchFeatures:
             known = _CENTRE_OFFSETS.setdefault(self.tower, {})
             key = (tuple(self.layers), tuple(self.preprocess.size), self.local_average)
             if key not in known:
+                # Measured on the exact tower whatever the inference mode, so every mode places its
+                # scores at the same pixels (bfloat16 gradients would move the centroid a little).
                 device = next(iter(self.tower.parameters())).device
-                known[key] = measure_centre_offset(self.embed, self.preprocess.size, device)
+                known[key] = measure_centre_offset(lambda x: self.embed(x, exact=True), self.preprocess.size, device)
             self._centre_offset = known[key]
         return self._centre_offset
 
-    def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        maps = self.tower.forward_features(batch, self.layers)
+    def embed(self, batch: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        tower = self.tower if exact else inference_tower(self.tower, self.inference, self.layers)
+        maps = tower.forward_features(batch.to(_dtype_of(tower)), self.layers)
+        # bfloat16 maps are widened before the averaging and upsampling: those ops are cheap, and in
+        # float32 they add no rounding of their own.
+        maps = {name: m.float() for name, m in maps.items()}
         if self.local_average:
             # PatchCore's locally aware patch features: each patch also sees its 3 x 3 neighbourhood,
             # which adds context without the resolution loss of a deeper stage.
@@ -121,7 +132,12 @@ class PatchFeatures:
             m if m.shape[-2:] == finest else F.interpolate(m, size=finest, mode="bilinear", align_corners=False)
             for m in maps.values()
         ]
-        return torch.cat(aligned, dim=1).float()
+        return torch.cat(aligned, dim=1)
+
+
+def _dtype_of(tower: VisionTower) -> torch.dtype:
+    parameter = next(iter(tower.parameters()), None)
+    return parameter.dtype if parameter is not None else torch.float32
 
 
 @dataclass

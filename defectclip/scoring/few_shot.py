@@ -201,7 +201,8 @@ def embed_patches(scorer: PatchCore, images: Sequence[np.ndarray]) -> list[torch
     blocks = []
     for start in range(0, len(images), scorer.batch_size):
         batch = [as_image_tensor(image) for image in images[start : start + scorer.batch_size]]
-        embedding = scorer.features(scorer.features.model_input(batch, scorer.device))
+        # the exact tower, as PatchCore.fit uses: the bank and its threshold do not depend on the machine
+        embedding = scorer.features.embed(scorer.features.model_input(batch, scorer.device), exact=True)
         patches = flatten_patches(embedding).view(len(batch), -1, embedding.shape[1])
         blocks.extend(patches.unbind(0))
     return blocks

@@ -114,8 +114,9 @@ class PaDiM(FeatureScorer):
         device: str | torch.device | None = "auto",
         batch_size: int = 16,
         plan: InputPlan | str | None = None,
+        inference: str = "auto",
     ):
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan, inference)
         total_channels = sum(self.tower.stages[name].channels for name in self.layers)
         random_channels(total_channels, d, seed)  # validates d before any feature is extracted
         if epsilon <= 0:

@@ -16,6 +16,8 @@ The two costly steps are written for a CPU as much as for a GPU:
   (AMX), the product runs in bfloat16 with float32 accumulation (5,000 entries: ~3 instead of ~14 ms
   an image on one thread; distances 0.07 % off on average, image AUROC within 0.02 point of the exact
   search on the full magnetic tile), otherwise in float32.
+The backbone itself runs as `inference` says (see inference.py): on such CPUs a BatchNorm-folded
+bfloat16 copy of the tower scores images; fit always extracts with the exact float32 tower.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..errors import ArtifactError
 from ..schema import Config, check_tensor
 from .base import FeatureScorer, resolve_device
 from .errors import ScoringError
+from .inference import bf16_kernels_available
 from .maps import DEFAULT_SIGMA
 from .plan import InputPlan
 
@@ -271,10 +274,7 @@ def bf16_matmul_is_fast(device: torch.device) -> bool:
     Without them a CPU emulates bfloat16 and the float32 search is faster. GPUs keep the exact
     float32 search, which is not their bottleneck.
     """
-    if device.type != "cpu":
-        return False
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check is not None and check())
+    return bf16_kernels_available(device)
 
 
 def _split_bf16(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,6 +375,7 @@ class PatchCore(FeatureScorer):
     }
     state_keys = {"memory_bank"}
     constructor_keys = ("coreset_ratio", "max_bank_size", "projection_dim", "reweight", "num_neighbors")
+    bf16_features = True  # measured: benchmarks/results/vs_anomalib_full.md (image AUROC vs the exact path)
 
     def __init__(
         self,
@@ -392,13 +393,15 @@ class PatchCore(FeatureScorer):
         batch_size: int | None = None,
         search: str = "auto",
         plan: InputPlan | str | None = None,
+        inference: str = "auto",
     ):
         """`max_bank_size` caps the bank (None = `coreset_ratio` alone decides); `batch_size` None =
         CPU_BATCH_SIZE on a CPU, GPU_BATCH_SIZE on a GPU; `search`: "exact" (float32), "bf16" or
-        "auto" (bf16 where the CPU multiplies bfloat16 in hardware, see bf16_matmul_is_fast)."""
+        "auto" (bf16 where the CPU multiplies bfloat16 in hardware, see bf16_matmul_is_fast);
+        `inference`: how the frozen tower runs, see FeatureScorer ("auto": bfloat16 on such CPUs)."""
         if batch_size is None:
             batch_size = CPU_BATCH_SIZE if resolve_device(device).type == "cpu" else GPU_BATCH_SIZE
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan, inference)
         coreset_size(1, coreset_ratio, max_bank_size)  # validates now rather than after feature extraction
         if num_neighbors < 1:
             raise ScoringError(f"num_neighbors must be at least 1, got {num_neighbors}.")

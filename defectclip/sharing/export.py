@@ -118,6 +118,7 @@ def tab_facts(trunk: VisionTower, config: TABConfig, head: bool) -> dict[str, An
         "loss": config.loss,
         "synthesis": config.synthesis,
         "steps": config.step,
+        "recipe": dict(config.recipe),  # data, left-out objects, anti-forgetting settings, WiSE choice
     }
 
 
