@@ -146,10 +146,6 @@ class AlphaDescriber(Artifact, nn.Module):
         """The caption meaning 'no defect here' for the object, or None if the describer was trained without one."""
         return (self.config.get("no_defect") or {}).get(object_name)
 
-    def describe_object(self, image, mask, object_name: str) -> list[tuple[str, float]]:
-        """`describe` over the object's own candidates; an unknown object raises UnknownObjectError."""
-        return self.describe(image, mask, self.candidates_for(object_name))
-
     @torch.no_grad()
     def caption_probabilities(self, region_embeddings: torch.Tensor, candidates: Sequence[str]) -> torch.Tensor:
         text = self.embed_captions(candidates).to(region_embeddings.device)
