@@ -204,3 +204,12 @@ def candidate_captions(object_name: str, defect_types) -> list[str]:
         if text not in candidates:
             candidates.append(text)
     return candidates
+
+
+NO_DEFECT = "no defect"
+
+
+def no_defect_caption(object_name: str) -> str:
+    """The caption of a region with nothing wrong: no_defect_caption('magnetic tile') ->
+    'no defect: a normal area of the magnetic tile'. It starts with NO_DEFECT so the app can say so plainly."""
+    return f"{NO_DEFECT}: a normal area of the {object_phrase(object_name)}"

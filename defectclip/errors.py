@@ -20,3 +20,7 @@ class ArtifactError(DefectclipError):
 
 class CheckpointError(ArtifactError):
     """A training checkpoint that cannot be written or resumed from."""
+
+
+class UnknownObjectError(DefectclipError):
+    """A describer was asked about an object it has no captions for; the message lists the objects it knows."""

@@ -316,12 +316,11 @@ class InspectionPipeline(Artifact):
         return self.describer is not None
 
     def candidates(self, object_name: str) -> list[str]:
+        """The object's own candidate captions; an object the describer does not know raises UnknownObjectError
+        (never another object's captions: they would describe the region as something it cannot be)."""
         if self.describer is None:
             raise PipelineError("No region describer is installed.")
-        known = self.describer.config.get("candidates", {})
-        if object_name in known:
-            return list(known[object_name])
-        return sorted({c for captions in known.values() for c in captions})
+        return self.describer.candidates_for(object_name)
 
     def describe(self, image: np.ndarray, region: np.ndarray, object_name: str) -> list[tuple[str, float]]:
         """The object's candidate captions ranked for `region` of `image`, with probabilities."""

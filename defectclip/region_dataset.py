@@ -24,7 +24,7 @@ import torch
 
 from .data import DataError
 from .data.images import image_to_tensor
-from .data.regions import bounding_box
+from .data.regions import bounding_box, crop_to_box, disk_shape, sample_normal_regions
 from .data.transforms import Preprocess, resize
 from .captions import caption
 from .io import read_json
@@ -197,21 +197,55 @@ def _region_mask(image) -> np.ndarray:
     return (array.max(axis=-1) if array.ndim == 3 else array) > 0
 
 
-def iter_region_records(source: str | Path, split: str, revision: str | None = None) -> Iterator[RegionRecord]:
-    """Every image of `split` that has at least one region, decoded, with label names instead of integers."""
+def iter_region_records(source: str | Path, split: str, revision: str | None = None,
+                        include_normal: bool = False) -> Iterator[RegionRecord]:
+    """Every image of `split` that has at least one region (and with `include_normal`, the images without
+    any: datasets built with --include-normal hold them), decoded, with label names instead of integers."""
     dataset = open_region_split(source, split, revision)
     object_name, defect_name = label_decoders(dataset)
     for row in dataset:
         regions = row["regions"]
-        if not regions:
+        if not regions and not include_normal:
             continue
+        image = image_to_tensor(row["image"])
+        masks = (np.stack([_region_mask(region["mask"]) for region in regions]) if regions
+                 else np.zeros((0, *image.shape[-2:]), bool))
         yield RegionRecord(
-            image=image_to_tensor(row["image"]),
+            image=image,
             object=object_name(row["object"]),
-            masks=np.stack([_region_mask(region["mask"]) for region in regions]),
+            masks=masks,
             defects=[defect_name(region["defect"]) for region in regions],
             captions=[region["caption"] for region in regions],
         )
+
+
+# The app describes a disk of this radius around a click away from every region (regions_ui); normal
+# regions include such disks beside the shapes of real regions, so a click on clean surface is covered too.
+CLICK_DISK_RADII = (8, 12, 16, 24)
+
+
+class ShapeBank:
+    """Shapes of the real regions seen so far, per object, plus click-like disks: outlines for normal regions.
+
+    Filled while records stream past (no second pass over the images); bounded by `limit` per object.
+    """
+
+    def __init__(self, limit: int = 2000, seed: int = 0):
+        self.limit = limit
+        self.rng = np.random.default_rng([seed, 11])
+        self.shapes: dict[str, list[np.ndarray]] = {}
+
+    def add(self, record: RegionRecord) -> None:
+        shapes = self.shapes.setdefault(record.object, [disk_shape(r) for r in CLICK_DISK_RADII])
+        for mask in record.masks:
+            if len(shapes) < self.limit:
+                shapes.append(crop_to_box(mask))
+
+    def normal_regions(self, record: RegionRecord, count: int) -> list[np.ndarray]:
+        """Up to `count` regions of `record`'s image away from all its defects, with borrowed shapes."""
+        shapes = self.shapes.get(record.object) or [disk_shape(r) for r in CLICK_DISK_RADII]
+        defects = record.masks.any(axis=0) if len(record.masks) else np.zeros(record.image.shape[-2:], bool)
+        return sample_normal_regions(defects, shapes, count, self.rng)
 
 
 @dataclass
@@ -234,6 +268,194 @@ class RegionTable:
 
 def _to_uint8(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+# Donor regions kept per object for mixed-type training images (a bounded pool of recent ones: no
+# second pass over the images), and the images kept to surround an image with others.
+DONOR_POOL = 300
+SURROUND_POOL = 24
+DONOR_MARGIN_PX = 8
+
+
+def loose_region(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A defect region as the app may hand it over: a click disk (CLICK_DISK_RADII) centred on one of its
+    pixels, or the mask grown by up to half its box side (a predicted region is wider than the defect).
+
+    Normal regions include click disks, so without these a disk would mean "no defect" by its shape alone.
+    """
+    from scipy import ndimage
+
+    ys, xs = np.nonzero(mask)
+    if rng.random() < 0.5:
+        pick = int(rng.integers(len(xs)))
+        radius = CLICK_DISK_RADII[int(rng.integers(len(CLICK_DISK_RADII)))]
+        yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
+        return (xx - xs[pick]) ** 2 + (yy - ys[pick]) ** 2 <= radius**2
+    side = max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+    grow = int(rng.integers(1, max(2, side // 2) + 1))
+    return ndimage.distance_transform_edt(~mask) <= grow
+
+
+class MixAugmenter:
+    """Training images the test sets also hold, made from the training split only.
+
+    - `mixed(record)`: the record's image with 1-2 regions of other types (from earlier records of the
+      same object) Poisson-blended in away from its own regions: regions of different types in one
+      image, so the describer must read the mask to tell them apart.
+    - `surround(image, masks)`: the image in the centre of a 3 x 3 mosaic of other images of the
+      object, so a crop that reaches past the image border sees surface instead of black (the app's
+      images and a mosaic's cells do not end where a training image ended).
+    """
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng([seed, 23])
+        self.donors: dict[str, list[tuple[np.ndarray, np.ndarray, str, str]]] = {}
+        self.images: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, record: RegionRecord) -> None:
+        image = _to_uint8(record.image)
+        pool = self.images.setdefault(record.object, [])
+        pool.append(image)
+        del pool[:-SURROUND_POOL]
+        donors = self.donors.setdefault(record.object, [])
+        array = image.permute(1, 2, 0).numpy()
+        for mask, caption_text, defect in zip(record.masks, record.captions, record.defects):
+            x0, y0, x1, y1 = bounding_box(mask)
+            top, left = max(0, y0 - DONOR_MARGIN_PX), max(0, x0 - DONOR_MARGIN_PX)
+            window = (slice(top, y1 + DONOR_MARGIN_PX), slice(left, x1 + DONOR_MARGIN_PX))
+            donors.append((np.ascontiguousarray(array[window]), mask[window].copy(), caption_text, defect))
+        del donors[:-DONOR_POOL]
+
+    def mixed(self, record: RegionRecord) -> tuple[torch.Tensor, list[np.ndarray], list[tuple[str, str]]] | None:
+        from .data.transplant import blend_regions_into
+
+        present = set(record.captions)
+        candidates = [d for d in self.donors.get(record.object, []) if d[2] not in present]
+        if not candidates:
+            return None
+        picks, chosen_types = [], set()
+        for index in self.rng.permutation(len(candidates))[:20]:
+            donor = candidates[int(index)]
+            if donor[2] not in chosen_types:
+                picks.append(donor)
+                chosen_types.add(donor[2])
+            if len(picks) == int(self.rng.integers(1, 3)):
+                break
+        canvas = _to_uint8(record.image).permute(1, 2, 0).numpy().copy()
+        labels = list(zip(record.captions, record.defects))
+        image, masks, labels = blend_regions_into(canvas, list(record.masks), labels,
+                                                  [(d[0], d[1], (d[2], d[3])) for d in picks], self.rng)
+        if len(masks) == len(record.masks):
+            return None
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0, masks, labels
+
+    def surround(self, object_name: str, image: torch.Tensor, masks: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        pool = self.images.get(object_name, [])
+        if len(pool) < 2:
+            return image, masks
+        channels, height, width = image.shape
+        canvas = torch.empty(channels, 3 * height, 3 * width)
+        for row in range(3):
+            for col in range(3):
+                tile = image if (row, col) == (1, 1) else resize(
+                    pool[int(self.rng.integers(len(pool)))].float() / 255.0, (height, width))
+                canvas[:, row * height:(row + 1) * height, col * width:(col + 1) * width] = tile
+        placed = np.zeros((len(masks), 3 * height, 3 * width), bool)
+        placed[:, height:2 * height, width:2 * width] = masks
+        return canvas, placed
+
+
+def load_region_views(source: str | Path, split: str, region_inputs, no_defect: dict[str, str] | None = None,
+                      normal_per_image: int = 1, max_normal_images: int | None = None, seed: int = 0,
+                      revision: str | None = None, mixed: bool = False, surround: float = 0.0,
+                      loose: bool = False) -> RegionTable:
+    """Every region of a split as the describer sees it: one view (crop and mask coverage) per region.
+
+    `region_inputs(images, masks)` is the describer's own view function, so training sees exactly what
+    evaluation and the app see. With `no_defect` ({object: caption}), each image also gives
+    `normal_per_image` normal regions (away from its defects, shapes of real regions, see ShapeBank)
+    captioned as that object's no-defect caption; images without defects (datasets built with
+    --include-normal) give them too, at most `max_normal_images` such images (default: as many as the
+    defective images read before them, so defect-free images never outnumber defective ones; a build
+    lists defective images first). `mixed` adds, per image, a mixed-type copy (MixAugmenter.mixed) with
+    all its regions and a normal one; `surround` is the probability that an image is seen inside a
+    mosaic of others (MixAugmenter.surround). `loose` adds, per defect region, a loosely drawn copy
+    with the same caption (`loose_region`: a click disk on it, or the mask grown), as the app's
+    regions are.
+    """
+    table = _ViewTable()
+    bank, augmenter = ShapeBank(seed=seed), MixAugmenter(seed)
+    good_images = defective_images = 0
+    for record in iter_region_records(source, split, revision, include_normal=bool(no_defect)):
+        bank.add(record)
+        normal_caption = (no_defect or {}).get(record.object)
+        is_good = len(record.masks) == 0
+        defective_images += int(not is_good)
+        good_cap = defective_images if max_normal_images is None else max_normal_images
+        with_normals = bool(normal_caption) and (not is_good or good_images < good_cap)
+        good_images += int(is_good and with_normals)
+        images = [(record.image, list(record.masks), list(zip(record.captions, record.defects)))]
+        if mixed and (not is_good or with_normals):
+            extra = augmenter.mixed(record)
+            if extra is not None:
+                images.append(extra)
+        augmenter.add(record)
+        for image, masks, labels in images:
+            if loose and masks:
+                extra = [loose_region(mask, augmenter.rng) for mask in masks[: len(labels)]]
+                masks, labels = masks + extra, labels + labels[: len(extra)]
+            if with_normals:
+                defects = np.stack(masks) if masks else np.zeros((0, *image.shape[-2:]), bool)
+                normals = bank.normal_regions(RegionRecord(image, record.object, defects, [], []), normal_per_image)
+                masks, labels = masks + normals, labels + [(normal_caption, "good")] * len(normals)
+            if not masks:
+                continue
+            stacked = np.stack(masks)
+            if surround and augmenter.rng.random() < surround:
+                image, stacked = augmenter.surround(record.object, image, stacked)
+            table.add(region_inputs(image[None].expand(len(stacked), -1, -1, -1), stacked), labels, record.object)
+    if not table.views:
+        raise DataError(f"Split {split!r} of {source} has no regions to train on.")
+    return table.finish()
+
+
+class _ViewTable:
+    """Collects views and labels, then becomes a RegionTable (one image per region)."""
+
+    def __init__(self):
+        self.views, self.coverage, self.caption_ids, self.objects, self.defects = [], [], [], [], []
+        self.captions: dict[str, int] = {}
+
+    def add(self, inputs: tuple[torch.Tensor, torch.Tensor], labels: list[tuple[str, str]], object_name: str) -> None:
+        self.views.append(_to_uint8(inputs[0]))
+        self.coverage.append(_to_uint8(inputs[1]))
+        for caption_text, defect in labels:
+            self.caption_ids.append(self.captions.setdefault(caption_text, len(self.captions)))
+            self.objects.append(object_name)
+            self.defects.append(defect)
+
+    def finish(self) -> RegionTable:
+        return RegionTable(
+            images=torch.cat(self.views), region_image=torch.arange(len(self.caption_ids)),
+            coverage=torch.cat(self.coverage), caption_index=torch.tensor(self.caption_ids),
+            captions=list(self.captions), region_object=self.objects, region_defect=self.defects,
+        )
+
+
+def concat_region_tables(tables: Sequence[RegionTable]) -> RegionTable:
+    """One table of several (e.g. one per object's dataset), captions merged by their text."""
+    captions: dict[str, int] = {}
+    parts = []
+    for table in tables:
+        remap = torch.tensor([captions.setdefault(c, len(captions)) for c in table.captions])
+        parts.append(remap[table.caption_index])
+    offsets = np.cumsum([0] + [len(t.images) for t in tables[:-1]])
+    return RegionTable(
+        images=torch.cat([t.images for t in tables]),
+        region_image=torch.cat([t.region_image + int(o) for t, o in zip(tables, offsets)]),
+        coverage=torch.cat([t.coverage for t in tables]), caption_index=torch.cat(parts), captions=list(captions),
+        region_object=[o for t in tables for o in t.region_object], region_defect=[d for t in tables for d in t.region_defect],
+    )
 
 
 def load_region_table(source: str | Path, split: str, preprocess: Preprocess, revision: str | None = None) -> RegionTable:

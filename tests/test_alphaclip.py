@@ -229,6 +229,25 @@ def test_region_table_reads_the_built_dataset(region_dataset):
     assert len(table.region_image) > table.images.shape[0]  # some images hold two regions
 
 
+def test_region_views_add_normal_regions_captioned_no_defect(region_dataset):
+    """Training reads each region through the describer's own view, plus one normal region per image."""
+    from defectclip.captions import no_defect_caption
+    from defectclip.region_dataset import iter_region_records, load_region_views
+
+    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, view={"context": 2.0, "min_side": 16})
+    caption = no_defect_caption(OBJECT)
+    table = load_region_views(region_dataset, "train", describer.region_inputs, {OBJECT: caption})
+    records = list(iter_region_records(region_dataset, "train"))
+    defect_regions = sum(len(r.masks) for r in records)
+    normal = [i for i, c in enumerate(table.caption_index.tolist()) if table.captions[c] == caption]
+    assert 0 < len(normal) <= len(records) and len(table.region_image) == defect_regions + len(normal)
+    assert table.images.shape[1:] == (3, 32, 32) and table.coverage.shape[1:] == (32, 32)
+    assert all(table.region_defect[i] == "good" for i in normal)
+    assert table.coverage[normal].float().mean() > 0  # a normal region is a region, not an empty mask
+    plain = load_region_views(region_dataset, "train", describer.region_inputs)
+    assert caption not in plain.captions and len(plain.region_image) == defect_regions
+
+
 def test_thirty_step_run_lowers_the_loss_and_reloads_to_identical_outputs(region_dataset, tmp_path):
     result = train_main(tiny_run_args(region_dataset, tmp_path / "run", 30, "--export-merged", "--checkpointing-steps", "100"))
     losses = result["losses"]

@@ -309,3 +309,13 @@ def test_old_cache_files_are_deleted(pipeline, defect_png, monkeypatch):
         assert not any(os.path.exists(path) for path in made)
     finally:
         demo.close()
+
+
+def test_an_object_the_describer_does_not_know_gets_a_clear_message_not_other_captions(pipeline, defect_png):
+    from defectclip.errors import UnknownObjectError
+
+    session = handlers.Session()
+    handlers.score_upload(pipeline, session, defect_png, PATCHCORE)
+    session.object_name = "gizmo"  # e.g. few-shot with an object typed into the (custom-value) dropdown
+    with pytest.raises(UnknownObjectError, match="'gizmo'.*widget"):
+        handlers.describe_point(pipeline, session, 32, 27)

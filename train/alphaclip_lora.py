@@ -31,13 +31,18 @@ from defectclip.alphaclip import (
     DEFAULT_TEMPERATURE,
     AlphaDescriber,
 )
-from defectclip.region_dataset import RegionTable, load_region_table, read_dataset_candidates
+from defectclip.alphaclip import CONTEXT_SCALE, MIN_SIDE_PX
+from defectclip.captions import no_defect_caption
+from defectclip.region_dataset import (RegionTable, concat_region_tables, load_region_table, load_region_views,
+                                       read_dataset_candidates)
 from defectclip.data.transforms import normalize
 from defectclip.towers import OFFLINE_TEXT, OFFLINE_VISION
 if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import common  # noqa: E402
 
+VIEWS = ("crop", "whole")
+LOSSES = ("candidates", "supcon")
 MODEL_SUBDIR = "model"
 MERGED_SUBDIR = "merged"
 
@@ -48,9 +53,9 @@ MERGED_SUBDIR = "merged"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.alphaclip_lora", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True,
-                        help="split-mask caption dataset: a folder (python -m hub.datasets build, or a downloaded "
-                             "copy) or a Hub dataset repo id 'org/name'")
+    parser.add_argument("--dataset", required=True, nargs="+",
+                        help="split-mask caption dataset(s): folders (python -m hub.datasets build, or downloaded "
+                             "copies) or Hub dataset repo ids 'org/name'; several train one describer for all their objects")
     parser.add_argument("--dataset-revision", default=None, help="branch, tag or commit of a Hub --dataset")
     parser.add_argument("--train-split", default="train", help="dataset split to train on")
     parser.add_argument("--vision", default=OFFLINE_VISION, help="vision tower spec (defectclip.towers)")
@@ -71,6 +76,34 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="supervised contrastive temperature; also used for the saved model's probabilities")
     parser.add_argument("--flip-prob", type=float, default=0.5,
                         help="probability of each of the horizontal and vertical flips (image and mask together)")
+    parser.add_argument("--view", choices=VIEWS, default="crop",
+                        help="what the tower sees of a region: 'crop' (a square crop around it with context, see "
+                             "defectclip.alphaclip.view) or 'whole' (the whole image, the original recipe)")
+    parser.add_argument("--view-context", type=float, default=CONTEXT_SCALE,
+                        help="crop side / the region box's longer side (--view crop)")
+    parser.add_argument("--view-min-side", type=int, default=MIN_SIDE_PX,
+                        help="smallest crop side in image pixels, so tiny regions keep context (--view crop)")
+    parser.add_argument("--normal-regions", type=int, default=1,
+                        help="normal regions drawn per training image (away from its defects, shapes of real regions), "
+                             "captioned 'no defect: ...'; 0 trains without a no-defect answer")
+    parser.add_argument("--max-normal-images", type=int, default=None,
+                        help="at most this many defect-free images per dataset give normal regions (default: as many as "
+                             "its defective images)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="also train on a mixed-type copy of each image: regions of other types from earlier "
+                             "training images Poisson-blended in away from its own (defectclip.data.transplant)")
+    parser.add_argument("--surround", type=float, default=0.0,
+                        help="probability that an image is seen inside a 3 x 3 mosaic of other training images, so "
+                             "crops past its border see surface rather than black")
+    parser.add_argument("--loose", action="store_true",
+                        help="also train on a loosely drawn copy of each defect region (a click disk on it, or the "
+                             "mask grown), as the app's clicks and predicted regions are")
+    parser.add_argument("--loss", choices=LOSSES, default="candidates",
+                        help="'candidates': cross-entropy over the region's own object's captions (what the app ranks); "
+                             "'supcon': the paper's supervised contrastive loss over the batch's captions")
+    parser.add_argument("--balance-objects", type=float, default=0.0,
+                        help="repeat the regions of smaller objects (max count / count) ** this times per epoch: "
+                             "0 keeps the data as is, 1 gives every object as many regions as the largest")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help=f"where the trained describer folder goes (default: <output-dir>/{MODEL_SUBDIR})")
     parser.add_argument("--export-merged", action="store_true", help=f"also write a LoRA-merged model to <output-dir>/{MERGED_SUBDIR}")
@@ -90,9 +123,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--temperature must be positive")
     if args.image_size is not None and args.image_size < 16:
         raise SystemExit("--image-size must be at least 16")
-    if not Path(args.dataset).expanduser().is_dir() and not is_repo_id(args.dataset):
-        raise SystemExit(f"--dataset {args.dataset}: no such folder, and not a Hub repo id ('org/name'); build one "
-                         "with `python -m hub.datasets build`.")
+    if not 0.0 <= args.surround <= 1.0:
+        raise SystemExit("--surround must be in [0, 1]")
+    if args.normal_regions < 0 or args.balance_objects < 0:
+        raise SystemExit("--normal-regions and --balance-objects must be 0 or more")
+    if args.view_context < 1.0 or args.view_min_side < 1:
+        raise SystemExit("--view-context must be at least 1 and --view-min-side at least 1 px")
+    for dataset in args.dataset:
+        if not Path(dataset).expanduser().is_dir() and not is_repo_id(dataset):
+            raise SystemExit(f"--dataset {dataset}: no such folder, and not a Hub repo id ('org/name'); build one "
+                             "with `python -m hub.datasets build`.")
 
 
 def is_repo_id(text: str) -> bool:
@@ -126,29 +166,96 @@ def supervised_contrastive_loss(image_embeddings: torch.Tensor, text_embeddings:
     return per_anchor.mean()
 
 
+def candidate_cross_entropy(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, labels: torch.Tensor,
+                            caption_object: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of each region's caption among the captions of its own object only.
+
+    `text_embeddings` holds every caption of the training data (C x D), `labels` each region's caption
+    index and `caption_object` the object index of each caption. This is the decision the app makes
+    (rank one object's candidates, no-defect caption included), so the loss trains exactly that; other
+    objects' captions are masked out, as the app never offers them.
+    """
+    logits = image_embeddings @ text_embeddings.T / temperature
+    same_object = caption_object[labels][:, None] == caption_object[None, :]
+    return torch.nn.functional.cross_entropy(logits.masked_fill(~same_object, float("-inf")), labels)
+
+
 # --------------------------------------------------------------------------------------------------
 # data
 
 
 class RegionDataset(Dataset):
-    """Regions of a RegionTable as (image uint8 3 x H x W, mask coverage uint8 H x W, caption index)."""
+    """Regions of a RegionTable as (image uint8 3 x H x W, mask coverage uint8 H x W, caption index).
 
-    def __init__(self, table: RegionTable):
+    `order` lists the regions of one epoch (a region may appear several times, see `balanced_order`).
+    """
+
+    def __init__(self, table: RegionTable, order: list[int] | None = None):
         self.table = table
+        self.order = order if order is not None else list(range(len(table.region_image)))
 
     def __len__(self) -> int:
-        return len(self.table.region_image)
+        return len(self.order)
 
     def __getitem__(self, index: int):
-        table = self.table
+        table, index = self.table, self.order[index]
         return table.images[table.region_image[index]], table.coverage[index], table.caption_index[index]
+
+
+def balanced_order(region_object: list[str], power: float) -> list[int]:
+    """Region indices for one epoch, each object's regions repeated round((largest / count) ** power) times.
+
+    With two objects of 12,000 and 750 regions, the small one would be one batch in sixteen; repeating
+    it keeps its captions learned without dropping any of the large one's regions.
+    """
+    counts: dict[str, int] = {}
+    for name in region_object:
+        counts[name] = counts.get(name, 0) + 1
+    largest = max(counts.values())
+    repeats = {name: max(1, round((largest / count) ** power)) for name, count in counts.items()}
+    return [i for i, name in enumerate(region_object) for _ in range(repeats[name])]
 
 
 def make_loader(table: RegionTable, args: argparse.Namespace) -> tuple[DataLoader, torch.Generator]:
     generator = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(RegionDataset(table), batch_size=args.batch_size, shuffle=True, drop_last=True,
+    order = balanced_order(table.region_object, args.balance_objects) if table.region_object else None
+    loader = DataLoader(RegionDataset(table, order), batch_size=args.batch_size, shuffle=True, drop_last=True,
                         num_workers=args.num_workers, generator=generator)
     return loader, generator
+
+
+def training_candidates(args: argparse.Namespace) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Every dataset's candidate captions by object, plus each object's no-defect caption when trained with one."""
+    candidates: dict[str, list[str]] = {}
+    for dataset in args.dataset:
+        for name, captions in read_dataset_candidates(dataset, args.dataset_revision).items():
+            candidates.setdefault(name, [])
+            candidates[name] += [c for c in captions if c not in candidates[name]]
+    no_defect = {name: no_defect_caption(name) for name in candidates} if args.normal_regions else {}
+    for name, text in no_defect.items():
+        candidates[name].append(text)
+    return candidates, no_defect
+
+
+def load_training_table(describer: AlphaDescriber, args: argparse.Namespace, no_defect: dict[str, str]) -> RegionTable:
+    """The training regions of every dataset, as the describer sees them (its own view function)."""
+    if args.view == "whole" and not no_defect and not args.mixed and not args.surround and not args.loose:
+        tables = [load_region_table(d, args.train_split, describer.image.preprocess, args.dataset_revision)
+                  for d in args.dataset]
+    else:
+        tables = [load_region_views(d, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
+                                    args.max_normal_images, args.seed, args.dataset_revision, args.mixed,
+                                    args.surround, args.loose) for d in args.dataset]
+    return tables[0] if len(tables) == 1 else concat_region_tables(tables)
+
+
+def caption_objects(table: RegionTable) -> torch.Tensor:
+    """The object index of each caption of the table (a caption names one object)."""
+    names: dict[str, int] = {}
+    owner = [0] * len(table.captions)
+    for caption_id, name in zip(table.caption_index.tolist(), table.region_object):
+        owner[caption_id] = names.setdefault(name, len(names))
+    return torch.tensor(owner)
 
 
 def random_flips(pixels: torch.Tensor, alpha: torch.Tensor, probability: float, generator: torch.Generator):
@@ -179,8 +286,11 @@ def batch_inputs(batch, describer: AlphaDescriber, args, step: int):
 # model and optimizer
 
 
-def build_describer(args: argparse.Namespace, candidates: dict[str, list[str]]) -> AlphaDescriber:
-    describer = AlphaDescriber.build(args.vision, args.text, args.image_size, args.seed, args.temperature, candidates)
+def build_describer(args: argparse.Namespace, candidates: dict[str, list[str]],
+                    no_defect: dict[str, str] | None = None) -> AlphaDescriber:
+    view = {"context": args.view_context, "min_side": args.view_min_side} if args.view == "crop" else None
+    describer = AlphaDescriber.build(args.vision, args.text, args.image_size, args.seed, args.temperature, candidates,
+                                     view=view, no_defect=no_defect)
     describer.attach_adapter(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     return describer
 
@@ -206,22 +316,26 @@ def make_optimizer(describer: AlphaDescriber, args: argparse.Namespace) -> torch
 # the loop: train.common's, with the supervised contrastive loss
 
 
-def region_loss(batch, step: int, describer: AlphaDescriber, image_tower, caption_bank, args) -> torch.Tensor:
+def region_loss(batch, step: int, describer: AlphaDescriber, image_tower, caption_bank, caption_object, args) -> torch.Tensor:
     pixels, alpha, labels = batch_inputs(batch, describer, args, step)
     embeddings = image_tower(pixels, alpha)
+    if args.loss == "candidates":
+        return candidate_cross_entropy(embeddings, caption_bank, labels, caption_object.to(labels.device), args.temperature)
     return supervised_contrastive_loss(embeddings, caption_bank[labels], labels, args.temperature)
 
 
 def training_record(args: argparse.Namespace) -> dict:
     """The recipe, saved in describer_config.json so a model folder says how it was made."""
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
-            "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "lora_targets", "seed", "mixed_precision")
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key in keys}
+            "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "lora_targets", "seed", "mixed_precision",
+            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "surround", "loose")
+    return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items() if key in keys}
 
 
 def hub_datasets(args: argparse.Namespace) -> tuple[str, ...]:
     """The Hub dataset the run read, for the card's `datasets:` (a local folder names none)."""
-    return () if Path(args.dataset).expanduser().is_dir() else (args.dataset,)
+    return tuple(d for d in args.dataset if not Path(d).expanduser().is_dir())
 
 
 def save_artifacts(describer: AlphaDescriber, args: argparse.Namespace, accelerator) -> Path:
@@ -240,10 +354,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.seed_everything(args.seed)
     accelerator, progress = common.make_accelerator(args, "alphaclip_lora")
-    candidates = read_dataset_candidates(args.dataset, args.dataset_revision)
-    describer = build_describer(args, candidates)
-    table = load_region_table(args.dataset, args.train_split, describer.image.preprocess, args.dataset_revision)
+    candidates, no_defect = training_candidates(args)
+    describer = build_describer(args, candidates, no_defect)
+    table = load_training_table(describer, args, no_defect)
     caption_bank = describer.embed_captions(table.captions).to(accelerator.device)
+    caption_object = caption_objects(table)
     loader, generator = make_loader(table, args)
     last_step = common.total_steps(args, len(loader))
     optimizer = make_optimizer(describer, args)
@@ -255,12 +370,12 @@ def main(argv=None) -> dict:
     image_tower.train()
     losses = common.train_loop(accelerator, progress, image_tower, optimizer, scheduler, batches,
                         partial(region_loss, describer=describer, image_tower=image_tower, caption_bank=caption_bank,
-                                args=args),
+                                caption_object=caption_object, args=args),
                         args, last_step, "alphaclip-lora")
     image_tower.eval()
     folder = save_artifacts(describer, args, accelerator)
     common.push_trained(describer, args, accelerator, datasets=hub_datasets(args))
-    summary = {"steps": progress.step, "regions": len(table.region_image), "seconds": round(time.perf_counter() - started, 1),
+    summary = {"steps": progress.step, "regions": len(table.region_image), "epoch_regions": len(loader.dataset), "seconds": round(time.perf_counter() - started, 1),
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "model": str(folder)}
     accelerator.print(summary)
     accelerator.end_training()

@@ -36,9 +36,14 @@ def mask_coverage(masks: torch.Tensor | np.ndarray, size: Sequence[int]) -> torc
     return masks[:, 0].clamp(0.0, 1.0)
 
 
+def coverage_to_alpha(coverage: torch.Tensor) -> torch.Tensor:
+    """N x h x w coverage in [0, 1] -> N x 1 x h x w alpha input, normalised (m - 0.5) / 0.26."""
+    return (coverage.float()[:, None] - ALPHA_MEAN) / ALPHA_STD
+
+
 def mask_to_alpha(masks: torch.Tensor | np.ndarray, size: Sequence[int]) -> torch.Tensor:
     """Masks -> N x 1 x h x w alpha input: coverage at the model size, normalised (m - 0.5) / 0.26."""
-    return (mask_coverage(masks, size)[:, None] - ALPHA_MEAN) / ALPHA_STD
+    return coverage_to_alpha(mask_coverage(masks, size))
 
 
 # --------------------------------------------------------------------------------------------------

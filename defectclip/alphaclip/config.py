@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DefectclipError
+from ..errors import DefectclipError, UnknownObjectError  # noqa: F401 - re-exported for the describer
 
 ALPHA_MEAN = 0.5
 ALPHA_STD = 0.26

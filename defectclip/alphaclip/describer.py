@@ -13,12 +13,13 @@ import torch.nn as nn
 
 from ..artifacts import Artifact
 from ..data.images import image_to_tensor
-from ..data.transforms import build_transform
+from ..data.transforms import build_transform, normalize, resize
 from ..errors import DefectclipError
 from ..io import read_json_object, read_safetensors, write_json_atomic
 from ..towers import TextTower, build_text_tower
-from .config import ADAPTER_DIR, AlphaClipError, CONFIG_NAME, DEFAULT_TEMPERATURE, FORMAT, MERGED_WEIGHTS_NAME, WEIGHTS_NAME
-from .alpha import mask_to_alpha
+from .config import ADAPTER_DIR, AlphaClipError, UnknownObjectError, CONFIG_NAME, DEFAULT_TEMPERATURE, FORMAT, MERGED_WEIGHTS_NAME, WEIGHTS_NAME
+from .alpha import coverage_to_alpha, mask_coverage
+from .view import region_views
 from .tower import AlphaImageTower, _check_keys, build_alpha_tower
 from .lora import apply_lora, lora_config
 
@@ -56,14 +57,21 @@ class AlphaDescriber(Artifact, nn.Module):
 
     @classmethod
     def build(cls, vision: str, text: str, image_size: int | None = None, seed: int = 0,
-              temperature: float = DEFAULT_TEMPERATURE, candidates: dict[str, list[str]] | None = None) -> "AlphaDescriber":
-        """A fresh, untuned describer: alpha conv zero, no adapter, projection initialised from `seed`."""
+              temperature: float = DEFAULT_TEMPERATURE, candidates: dict[str, list[str]] | None = None,
+              view: dict | None = None, no_defect: dict[str, str] | None = None) -> "AlphaDescriber":
+        """A fresh, untuned describer: alpha conv zero, no adapter, projection initialised from `seed`.
+
+        `view` ({"context": .., "min_side": ..}) makes it look at a crop around each region (see
+        `view.region_view`); None keeps the whole-image view of describers saved before crops existed.
+        `no_defect` names, per object, the candidate caption that means "no defect here".
+        """
         text_tower = build_text_tower(text)
         image_tower = build_alpha_tower(vision, text_tower.dim, image_size, projection_seed=seed)
         config = {
             "format": FORMAT, "version": 1, "vision": vision, "text": text, "image_size": image_size,
             "preprocess": image_tower.preprocess.to_dict(), "projection_seed": seed,
             "temperature": temperature, "candidates": dict(candidates or {}), "merged": False, "lora": None,
+            "view": dict(view) if view is not None else None, "no_defect": dict(no_defect or {}),
         }
         return cls(image_tower.eval(), text_tower.eval(), config)
 
@@ -81,11 +89,25 @@ class AlphaDescriber(Artifact, nn.Module):
 
     # -- inference ---------------------------------------------------------------------------------
 
+    @property
+    def view(self) -> dict | None:
+        """The region view's settings ({"context", "min_side"}), or None for the whole-image view."""
+        return self.config.get("view")
+
+    def region_inputs(self, images: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor]:
+        """[0, 1] images (N x 3 x H x W) and masks (N x H x W) -> [0, 1] views and mask coverage at the model size.
+
+        The one function that makes what the describer sees, in training, evaluation and the app.
+        """
+        preprocess = self.image.preprocess
+        if self.view is None:
+            return resize(images.float(), preprocess.size, preprocess.interpolation), mask_coverage(masks, preprocess.size)
+        return region_views(images, masks, preprocess.size, preprocess.interpolation, **self.view)
+
     def prepare(self, images: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor]:
         """[0, 1] images (N x 3 x H x W) and masks (N x H x W) -> model pixels and alpha map."""
-        pixels = self.transform(images)
-        alpha = mask_to_alpha(masks, self.image.preprocess.size)
-        return pixels, alpha
+        views, coverage = self.region_inputs(images, masks)
+        return normalize(views, self.image.preprocess), coverage_to_alpha(coverage)
 
     @torch.no_grad()
     def embed_regions(self, images: torch.Tensor, masks) -> torch.Tensor:
@@ -105,12 +127,24 @@ class AlphaDescriber(Artifact, nn.Module):
                 self._caption_cache[caption] = embedding
         return torch.stack([self._caption_cache[c] for c in captions])
 
+    @property
+    def objects(self) -> list[str]:
+        """The objects this describer has captions for."""
+        return sorted(self.config["candidates"])
+
     def candidates_for(self, object_name: str) -> list[str]:
+        """The object's own candidate captions (its defect types and, when trained with it, its no-defect caption)."""
         try:
             return list(self.config["candidates"][object_name])
         except KeyError:
-            known = sorted(self.config["candidates"])
-            raise AlphaClipError(f"No candidate captions saved for object {object_name!r}; known objects: {known}") from None
+            raise UnknownObjectError(
+                f"This describer does not know the object {object_name!r}: it was trained on {self.objects}. "
+                "Choose one of those, or train a describer on a dataset of this object."
+            ) from None
+
+    def no_defect_caption(self, object_name: str) -> str | None:
+        """The caption meaning 'no defect here' for the object, or None if the describer was trained without one."""
+        return (self.config.get("no_defect") or {}).get(object_name)
 
     @torch.no_grad()
     def caption_probabilities(self, region_embeddings: torch.Tensor, candidates: Sequence[str]) -> torch.Tensor:
@@ -250,6 +284,17 @@ def check_describer_config(config: dict, folder: Path, root: str | Path | None,
         for name, captions in candidates.items()
     ):
         schema.fail("must map object names to non-empty lists of captions", "candidates")
+    if config.get("view") is not None:
+        view = schema.sub("view")
+        view.number("context", 1.0, 16.0)
+        view.number("min_side", 1, MAX_MODEL_SIDE, integer=True)
+        if set(config["view"]) != {"context", "min_side"}:
+            schema.fail("must hold exactly 'context' and 'min_side'", "view")
+    no_defect = config.get("no_defect") or {}
+    if not isinstance(no_defect, dict) or not all(
+        isinstance(name, str) and caption in candidates.get(name, ()) for name, caption in no_defect.items()
+    ):
+        schema.fail("must map object names to one of that object's candidate captions", "no_defect")
     lora = config.get("lora")
     if lora is not None:
         sub = schema.sub("lora")

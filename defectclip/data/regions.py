@@ -268,3 +268,73 @@ def bounding_box(region: np.ndarray) -> list[int]:
     if len(rows) == 0:
         raise ValueError("An empty region has no bounding box.")
     return [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+
+
+# ------------------------------------------------------------------------------------------- normal regions
+
+# Normal regions keep this many pixels between themselves and every defect pixel, so a "no defect"
+# region never holds a defect's blurred edge or an annotator's tight outline; measured in image pixels.
+NORMAL_CLEARANCE_PX = 6
+NORMAL_PLACEMENT_TRIES = 30
+
+
+def crop_to_box(region: np.ndarray) -> np.ndarray:
+    """A region mask cut to its bounding box: a shape that can be placed anywhere."""
+    x0, y0, x1, y1 = bounding_box(region)
+    return np.asarray(region[y0:y1, x0:x1], bool)
+
+
+def disk_shape(radius: int) -> np.ndarray:
+    """A filled disk of `radius` px, the shape the app describes when a click lands away from every region."""
+    yy, xx = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return xx**2 + yy**2 <= radius**2
+
+
+def clear_area(defects: np.ndarray, clearance: int = NORMAL_CLEARANCE_PX) -> np.ndarray:
+    """H x W bool: pixels farther than `clearance` px from every defect pixel (all True without defects)."""
+    from scipy import ndimage
+
+    defects = np.asarray(defects, bool)
+    if not defects.any():
+        return np.ones(defects.shape, bool)
+    return ndimage.distance_transform_edt(~defects) > clearance
+
+
+def place_normal_region(defects: np.ndarray, shape: np.ndarray, rng: np.random.Generator,
+                        clearance: int = NORMAL_CLEARANCE_PX, tries: int = NORMAL_PLACEMENT_TRIES) -> np.ndarray | None:
+    """A region of `shape` (a bool mask cut to its box) placed where the image has no defect, or None.
+
+    `defects` (H x W bool) is the union of every defect mask of the image (all False for a good image).
+    The shape lands at a uniformly random place where all its pixels are farther than `clearance` px
+    from every defect pixel; None when `tries` random places all fail (or the shape does not fit).
+    """
+    allowed = clear_area(defects, clearance)
+    height, width = allowed.shape
+    shape = np.asarray(shape, bool)
+    box_h, box_w = shape.shape
+    if box_h > height or box_w > width or not shape.any():
+        return None
+    for _ in range(tries):
+        y, x = int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1))
+        if allowed[y : y + box_h, x : x + box_w][shape].all():
+            region = np.zeros((height, width), bool)
+            region[y : y + box_h, x : x + box_w] = shape
+            return region
+    return None
+
+
+def sample_normal_regions(defects: np.ndarray, shapes: list[np.ndarray], count: int, rng: np.random.Generator,
+                          clearance: int = NORMAL_CLEARANCE_PX) -> list[np.ndarray]:
+    """Up to `count` normal regions of one image, each with a shape drawn at random from `shapes`.
+
+    Shapes come from real defect regions of the same object (and disks like the app's click), so a
+    normal region differs from a defect by what lies under it, not by its outline.
+    """
+    regions = []
+    for _ in range(count * 3):  # a large shape may not fit; draw another
+        if len(regions) == count or not shapes:
+            break
+        region = place_normal_region(defects, shapes[int(rng.integers(len(shapes)))], rng, clearance)
+        if region is not None:
+            regions.append(region)
+    return regions

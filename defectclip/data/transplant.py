@@ -138,3 +138,26 @@ def transplant_region(
         image = image[..., 0]
     region_box = bounding_box(mask)
     return TransplantedDefect(image, mask, defect, (region_box[0], region_box[1]))
+
+
+def blend_regions_into(canvas: np.ndarray, masks: list[np.ndarray], labels: list, donors, rng: np.random.Generator,
+                       clearance: int = 6, margin: int = 3) -> tuple[np.ndarray, list[np.ndarray], list]:
+    """Blend each donor region into `canvas`, away from every region already there: a mixed-type image.
+
+    `donors` is a sequence of (source image uint8, region mask, label). A donor is placed where all its
+    pixels are more than `clearance` px from every earlier region (the canvas's own `masks` and the
+    donors placed before it); one that does not fit anywhere is skipped. Returns the image, all masks
+    (the canvas's first) and their labels.
+    """
+    from .regions import clear_area
+
+    image, masks, labels = canvas, list(masks), list(labels)
+    for source, region, label in donors:
+        defects = np.stack(masks).any(axis=0) if masks else np.zeros(image.shape[:2], bool)
+        try:
+            placed = transplant_region(source, region, image, str(label), seed=rng, margin=margin,
+                                       allowed=clear_area(defects, clearance))
+        except ValueError:  # too large for the canvas, or no clear place left
+            continue
+        image, masks, labels = placed.image, masks + [placed.mask], labels + [label]
+    return image, masks, labels

@@ -1,0 +1,96 @@
+"""The shipped app, as a user meets it: the embedded default (demo/default/) on the shipped examples.
+
+Clicking a defect of each example reads its true type first; clicking clean surface reads "no defect";
+on the mixed example, two regions and a clean area give three different, correct answers. The click
+points come from the examples' ground truth (demo/examples/clicks.json, written with the examples by
+scripts/make_examples.py); the clicks go through the app's own handler, so the region described is
+the one the app selects (a predicted region near the click, else a disk around it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from defectclip.captions import NO_DEFECT
+from defectclip.errors import UnknownObjectError
+from demo import handlers
+from demo.models import EMBEDDED_DEFAULT
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "demo" / "examples"
+CLICKS = json.loads((EXAMPLES / "clicks.json").read_text()) if (EXAMPLES / "clicks.json").is_file() else {}
+# Issue #13's app target is not met by the shipped describer (run 2 of benchmarks/results/describer_regions.md)
+# on these examples; measured, not hidden: strict xfail, so the day they pass the marker must go.
+# PatchCore flags no region on the break and uneven examples, so the click is a 16 px disk, which run 2
+# reads as "no defect"; on the mixed example it flags one 10,462 px region around the blended break
+# ("no defect" 0.61) and nothing at the blowhole (a disk: "no defect" 0.98).
+KNOWN_MISSES = {
+    "magnetic_tile_break_exp1_num_116934.png": "break clicked: 'no defect' 0.69 (a disk; PatchCore flags nothing)",
+    "magnetic_tile_uneven_exp1_num_139798.png": "uneven area clicked: 'no defect' 0.89 (a disk; nothing flagged near it)",
+    "magnetic_tile_mixed_break_blowhole_on_exp0_num_743.png": "both blended defects read 'no defect'",
+}
+
+
+def example_params():
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[name])) if name in KNOWN_MISSES
+            else name for name in sorted(CLICKS)]
+
+
+@pytest.fixture(scope="module")
+def default_pipeline():
+    from defectclip.pipeline import InspectionPipeline
+
+    if not (EMBEDDED_DEFAULT / "describer" / "describer_config.json").is_file():
+        pytest.fail(f"{EMBEDDED_DEFAULT} has no describer: run scripts/build_embedded_default.py")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield InspectionPipeline.from_pretrained(EMBEDDED_DEFAULT)
+    torch.set_num_threads(previous)
+
+
+def scored(pipeline, name: str) -> handlers.Session:
+    session = handlers.Session()
+    handlers.score_upload(pipeline, session, str(EXAMPLES / name), pipeline.model_names[0])
+    return session
+
+
+def top_caption(pipeline, session, xy) -> str:
+    _view, ranked = handlers.describe_point(pipeline, session, *xy)
+    return max(ranked, key=ranked.get)
+
+
+def test_every_example_has_its_clicks():
+    assert set(CLICKS) == {p.name for p in EXAMPLES.glob("*.png")}
+    assert any(len({d["type"] for d in entry["defects"]}) >= 2 for entry in CLICKS.values())  # a mixed-type example
+
+
+@pytest.mark.parametrize("name", example_params())
+def test_clicking_a_defect_reads_its_type_and_clean_surface_reads_no_defect(default_pipeline, name):
+    entry = CLICKS[name]
+    session = scored(default_pipeline, name)
+    answers = [top_caption(default_pipeline, session, d["xy"]) for d in entry["defects"]]
+    assert answers == [d["caption"] for d in entry["defects"]]
+    assert top_caption(default_pipeline, session, entry["clean_xy"]).startswith(NO_DEFECT)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_MISSES["magnetic_tile_mixed_break_blowhole_on_exp0_num_743.png"])
+def test_two_regions_and_a_clean_area_of_one_image_give_three_different_right_answers(default_pipeline):
+    name = next(n for n, e in sorted(CLICKS.items()) if len({d["type"] for d in e["defects"]}) >= 2)
+    entry = CLICKS[name]
+    session = scored(default_pipeline, name)
+    clicks = [d["xy"] for d in entry["defects"][:2]] + [entry["clean_xy"]]
+    answers = [top_caption(default_pipeline, session, xy) for xy in clicks]
+    assert len(set(answers)) == 3
+    assert answers[:2] == [d["caption"] for d in entry["defects"][:2]] and answers[2].startswith(NO_DEFECT)
+
+
+def test_the_default_describer_knows_both_objects_and_refuses_others(default_pipeline):
+    objects = handlers.object_choices(default_pipeline)
+    assert {"magnetic tile", "steel strip"} <= set(objects)
+    steel = default_pipeline.candidates("steel strip")
+    assert steel and all("steel strip" in c for c in steel) and any(c.startswith(NO_DEFECT) for c in steel)
+    with pytest.raises(UnknownObjectError, match="wooden plank"):
+        default_pipeline.candidates("wooden plank")
