@@ -129,7 +129,7 @@ def test_upload_click_read_the_caption_and_the_legend_is_shown(page, served, tmp
     from playwright.sync_api import expect
 
     folder = os.environ.get("DEFECTCLIP_SCREENSHOT_MODELS")
-    examples = sorted((Path(__file__).resolve().parents[1] / "demo" / "examples").glob("*crack*.png"))
+    examples = sorted((Path(__file__).resolve().parents[1] / "demo" / "examples").glob("*mixed*.png"))
     if folder:  # the README's screenshot: a real model on a real example, its largest region clicked
         upload(page, examples[0])
         expect(verdict(page)).to_have_value(re.compile("^DEFECT"), timeout=WAIT_MS)
