@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,16 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import test_hostile_inputs as corpus  # noqa: E402  (the corpus lives with its test)
 from hostile_corpus import Item, run_case  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path: the script is run by path)
 
 
 def build_models(folder: Path):

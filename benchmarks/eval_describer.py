@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model
 
 from defectclip.alphaclip import AlphaDescriber
 from defectclip.data.regions import clear_area
@@ -51,15 +50,8 @@ TARGET_KEYS = ("mixed_type_top1", "probe_top1", "swap_consistency", "normal_area
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core CPU dev machine, {model}, {torch.get_num_threads()} torch thread(s), {device}"
+    return f"{os.cpu_count()}-core CPU dev machine, {cpu_model()}, {torch.get_num_threads()} torch thread(s), {device}"
 
 
 # ------------------------------------------------------------------------------------------- counting

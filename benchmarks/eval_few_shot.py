@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from machine import cpu_model
 
 from defectclip.data import MVTecDataset, load_image_array
 from defectclip.io import write_json_atomic
@@ -59,14 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"2-core CPU dev machine, {model}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    return f"2-core CPU dev machine, {cpu_model()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
 # --------------------------------------------------------------------------------------------------

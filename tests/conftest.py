@@ -32,6 +32,32 @@ def textured_image(rng: np.random.Generator, size=(48, 64)) -> np.ndarray:
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
+BLOB = (slice(14, 26), slice(30, 44))  # rows, columns of the pasted defect in a 48 x 64 image
+
+
+def normal_tensors(count: int) -> list:
+    """`count` textured normal images as tensors, the same ones in every test module."""
+    from defectclip.data import array_to_tensor
+
+    rng = np.random.default_rng(0)
+    return [array_to_tensor(textured_image(rng)) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def normal_images():
+    return normal_tensors(6)
+
+
+@pytest.fixture(scope="module")
+def blob_image():
+    """A normal-looking image with a bright square pasted in at BLOB: the defect."""
+    from defectclip.data import array_to_tensor
+
+    image = textured_image(np.random.default_rng(99))
+    image[BLOB] = 250
+    return array_to_tensor(image)
+
+
 def save_png(array: np.ndarray, path: Path, mode: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import textured_image
-from defectclip.data import array_to_tensor
+from conftest import BLOB
 from defectclip.scoring import PaDiM, PatchCore, ScoringError
 from defectclip.scoring.inference import (
     FusedConv2d,
@@ -20,21 +19,6 @@ from defectclip.scoring.inference import (
     resolve_inference,
 )
 from defectclip.towers import build_vision_tower
-
-BLOB = (slice(14, 26), slice(30, 44))
-
-
-@pytest.fixture(scope="module")
-def normal_images():
-    rng = np.random.default_rng(0)
-    return [array_to_tensor(textured_image(rng)) for _ in range(6)]
-
-
-@pytest.fixture(scope="module")
-def blob_image():
-    image = textured_image(np.random.default_rng(99))
-    image[BLOB] = 250
-    return array_to_tensor(image)
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import textured_image, write_mvtec_category
-from defectclip.data import DataError, array_to_tensor, open_dataset
+from conftest import BLOB, normal_tensors, write_mvtec_category
+from defectclip.data import DataError, open_dataset
 from defectclip.scoring import FeatureScorer, PaDiM, ScoringError
 from defectclip.scoring.padim import mahalanobis, random_channels
-
-BLOB = (slice(14, 26), slice(30, 44))
 
 
 @pytest.fixture(scope="module")
 def normal_images():
-    rng = np.random.default_rng(0)
-    return [array_to_tensor(textured_image(rng)) for _ in range(8)]
-
-
-@pytest.fixture(scope="module")
-def blob_image():
-    image = textured_image(np.random.default_rng(99))
-    image[BLOB] = 250
-    return array_to_tensor(image)
+    return normal_tensors(8)
 
 
 @pytest.fixture(scope="module")

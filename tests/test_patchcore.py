@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import save_png, textured_image, write_mvtec_category
-from defectclip.data import DataError, array_to_tensor, open_dataset
+from conftest import BLOB, save_png, textured_image, write_mvtec_category
+from defectclip.data import DataError, open_dataset
 from defectclip.scoring import FeatureScorer, PatchCore, ScoringError, calibrate_threshold
 from defectclip.scoring.features import measure_centre_offset
 from defectclip.scoring.maps import gaussian_blur, interpolation_matrix, patch_scores_to_maps
@@ -26,22 +26,6 @@ from defectclip.scoring.patchcore import (
     nearest_neighbours,
     select_coreset,
 )
-
-BLOB = (slice(14, 26), slice(30, 44))  # rows, columns of the pasted defect in a 48 x 64 image
-
-
-@pytest.fixture(scope="module")
-def normal_images():
-    rng = np.random.default_rng(0)
-    return [array_to_tensor(textured_image(rng)) for _ in range(6)]
-
-
-@pytest.fixture(scope="module")
-def blob_image():
-    """A normal-looking image with a bright square pasted in: the defect."""
-    image = textured_image(np.random.default_rng(99))
-    image[BLOB] = 250
-    return array_to_tensor(image)
 
 
 @pytest.fixture(scope="module")
