@@ -156,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the embedded default is written")
     parser.add_argument("--tab-steps", type=int, default=150,
                         help="TAB pretraining steps (150: the run measured in benchmarks/results/tab_transfer.md)")
-    parser.add_argument("--describer-steps", type=int, default=800, help="describer training steps")
+    parser.add_argument("--describer-steps", type=int, default=1600, help="describer training steps")
     parser.add_argument("--clip-ada-steps", type=int, default=50, help="CLIP-ADA training steps")
     parser.add_argument("--patchcore-size", type=int, default=224, help="PatchCore input size")
     parser.add_argument("--coreset-ratio", type=float, default=0.01, help="PatchCore coreset ratio")
