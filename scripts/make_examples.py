@@ -124,25 +124,28 @@ class ShippedModels:
             scorer.inference = default
 
     def _answers_right_with(self, image: np.ndarray, example: dict, scorer, mode: str) -> bool:
+        from PIL import Image
+
         from defectclip.captions import NO_DEFECT
         from demo import handlers
 
         scorer.inference = mode
-
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "example.png"
-            from PIL import Image
-
             Image.fromarray(image).save(path)
             session = handlers.Session()
             handlers.score_upload(self.pipeline, session, str(path), self.model)
-            def top(xy):
-                _view, ranked = handlers.describe_point(self.pipeline, session, *xy)
-                first, second = sorted(ranked.values(), reverse=True)[:2]
-                # A near tie could flip on another CPU's arithmetic; an example needs a clear answer.
-                return max(ranked, key=ranked.get) if first - second >= CLEAR_LEAD else None
-            return (all(top(d["xy"]) == d["caption"] for d in example["defects"])
-                    and (top(example["clean_xy"]) or "").startswith(NO_DEFECT))
+            return (all(self._clear_answer(session, d["xy"]) == d["caption"] for d in example["defects"])
+                    and (self._clear_answer(session, example["clean_xy"]) or "").startswith(NO_DEFECT))
+
+    def _clear_answer(self, session, xy) -> str | None:
+        """The top caption at a click, or None when it leads the runner-up by less than CLEAR_LEAD:
+        a near tie could flip on another CPU's arithmetic, and an example needs a clear answer."""
+        from demo import handlers
+
+        _view, ranked = handlers.describe_point(self.pipeline, session, *xy)
+        first, second = sorted(ranked.values(), reverse=True)[:2]
+        return max(ranked, key=ranked.get) if first - second >= CLEAR_LEAD else None
 
 
 def pick_defect_examples(records, sources, margins, check: ShippedModels) -> dict[str, int]:
