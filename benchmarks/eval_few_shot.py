@@ -7,8 +7,9 @@ For every k and draw, k references are drawn at random from train/good, `fit_few
 bank and places the threshold from those references alone (defectclip/scoring/few_shot.py), and the
 whole test set is scored. Reported per (k, draw): image AUROC, balanced accuracy at the automatic
 threshold, the best balanced accuracy any threshold reaches on the same scores, their ratio, and the
-build time. Test features are extracted once and reused for every draw (the bank changes, the test
-patches do not), which is what makes 25 builds fit a CPU.
+build time (CPU time, which the 3 s target is judged on, and wall time). Test features are extracted
+once and reused for every draw (the bank changes, the test patches do not), which is what makes 25
+builds fit a CPU.
 
 Full-data PatchCore on the same trunk and input size is measured too (all train/good images,
 `--full-coreset` of the patches), as the reference the k = 16 AUROC is compared with.
@@ -115,14 +116,15 @@ def few_shot_run(args, tower, extractor, train_paths, test_blocks, labels, k: in
     rng = np.random.default_rng(1000 * k + draw)
     chosen = sorted(rng.choice(len(train_paths), size=k, replace=False).tolist())
     references = [load_image_array(train_paths[i]) for i in chosen]
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     scorer, report = fit_few_shot(references, tower, image_size=args.image_size, seed=draw)
-    build_s = time.perf_counter() - started
+    # CPU time is the target's measure (one thread): wall time on a shared machine counts other jobs too
+    build_s, build_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     scores = bank_scores(extractor, test_blocks, scorer.memory_bank)
     auto = balanced_accuracy(labels, scores, scorer.threshold)
     best = best_balanced_accuracy(labels, scores)
     return {
-        "k": k, "draw": draw, "references": [train_paths[i].name for i in chosen], "build_s": build_s,
+        "k": k, "draw": draw, "references": [train_paths[i].name for i in chosen], "build_s": build_s, "build_cpu_s": build_cpu_s,
         "image_auroc": image_auroc(labels, scores), "threshold": scorer.threshold,
         "balanced_accuracy_auto": auto, "balanced_accuracy_best": best, "ratio": auto / best,
         "flagged_normal": float((scores[labels == 0] >= scorer.threshold).mean()),
@@ -151,13 +153,15 @@ def summarise(runs: list[dict], full: dict | None) -> dict:
         summary["per_k"][str(k)] = {
             key: mean_sd(run[key] for run in rows)
             for key in ("image_auroc", "balanced_accuracy_auto", "balanced_accuracy_best", "ratio", "build_s",
-                        "flagged_normal", "flagged_defective")
-        } | {"build_s_max": max(run["build_s"] for run in rows), "draws": len(rows)}
+                        "build_cpu_s", "flagged_normal", "flagged_defective")
+        } | {"build_s_max": max(run["build_s"] for run in rows),
+             "build_cpu_s_max": max(run["build_cpu_s"] for run in rows), "draws": len(rows)}
         summary["balanced_accuracy_ratio"][str(k)] = statistics.fmean(run["ratio"] for run in rows)
     summary["ratio_target_met"] = all(v >= 0.90 for v in summary["balanced_accuracy_ratio"].values())
     if "16" in summary["per_k"]:
         summary["build_16_s_max"] = summary["per_k"]["16"]["build_s_max"]
-        summary["build_target_met"] = summary["build_16_s_max"] <= 3.0
+        summary["build_16_cpu_s_max"] = summary["per_k"]["16"]["build_cpu_s_max"]
+        summary["build_target_met"] = summary["build_16_cpu_s_max"] <= 3.0
         if full is not None:
             gap = full["image_auroc"] - summary["per_k"]["16"]["image_auroc"][0]
             summary["k16_auroc_gap_to_full_points"] = 100 * gap

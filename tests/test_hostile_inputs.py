@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from conftest import textured_image, write_index_mask_dataset, write_mvtec_category
-from defectclip.data import load_image, load_image_array, open_dataset
+from defectclip.data import DataError, image_to_tensor, load_image, load_image_array, open_dataset
 from defectclip.pipeline import InspectionModel, InspectionPipeline
 from defectclip.scoring import FeatureScorer, PaDiM, PatchCore
 from demo.render import read_upload
@@ -332,6 +332,20 @@ def test_nan_tensor_is_never_scored_normal(scorer):
         scorer.predict([image])
     # one converter (defectclip.data.image_to_tensor) for every model: a DataError, of the DefectclipError family
     assert "NaN" in str(caught.value) and type(caught.value).__name__ == "DataError"
+
+
+def test_image_tensor_check_names_infinities_and_leaves_the_callers_tensor_alone():
+    image = torch.rand(3, 32, 32)
+    image[1, 5, 5], image[2, 0, 0] = float("inf"), float("-inf")
+    with pytest.raises(DataError, match="2 NaN or infinite values"):
+        image_to_tensor(image)
+    # Values a hair outside [0, 1] (resampling overshoot) are clamped in the model's copy only.
+    image = torch.rand(3, 32, 32)
+    image[0, 0, 0], image[0, 0, 1] = 1.0 + 1e-7, -1e-7
+    before = image.clone()
+    converted = image_to_tensor(image)
+    assert torch.equal(image, before)
+    assert float(converted.max()) <= 1.0 and float(converted.min()) >= 0.0
 
 
 # --------------------------------------------------------------------------------------------------

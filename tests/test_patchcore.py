@@ -19,6 +19,8 @@ from defectclip.scoring.patchcore import (
     CANDIDATES_PER_ENTRY,
     CHUNK_POINTS,
     CPU_BATCH_SIZE,
+    LOW_BANK_CHUNK,
+    LOW_ROW_ALIGN,
     bf16_bank,
     coreset_size,
     greedy_k_center,
@@ -210,7 +212,7 @@ def test_two_stage_selection_covers_every_point_almost_as_well_as_one_stage():
     # 16 dimensions are below both projection sizes, so every distance is exact and the reported
     # radius (chunk radius + final radius) must bound the true covering radius.
     points = clustered_points(seed=3, n=3 * CHUNK_POINTS, dim=16)
-    count = 300
+    count = 150
     assert points.shape[0] > 2 * CANDIDATES_PER_ENTRY * count
     two_stage = select_coreset(points, 1.0, seed=0, max_size=count)
     assert two_stage.indices.numel() == count and len(set(two_stage.indices.tolist())) == count
@@ -239,6 +241,22 @@ def test_bf16_distances_stay_within_half_a_percent_of_exact():
     assert float(nearest_distances_bf16(bank[:5], bf16_bank(bank)).max()) < 0.05 * float(exact.median())
     with pytest.raises(ScoringError, match="empty"):
         nearest_distances_bf16(queries, bf16_bank(bank[:0]))
+
+
+def test_bf16_search_pads_ragged_widths_and_merges_bank_blocks():
+    # 37 features: rows are padded with zero columns to the 32-wide AMX tiles, and a bank longer than
+    # one block is searched block by block; neither may change a distance.
+    generator = torch.Generator().manual_seed(3)
+    bank = torch.rand(LOW_BANK_CHUNK + 500, 37, generator=generator) * 4
+    queries = torch.rand(300, 37, generator=generator) * 4
+    prepared = bf16_bank(bank)
+    assert prepared.shape[1] % LOW_ROW_ALIGN == 0 and prepared.shape[1] >= 37 + 4
+    exact = nearest_neighbours(queries, bank)[0][:, 0]
+    fast = nearest_distances_bf16(queries, prepared)
+    assert float(((fast - exact).abs() / exact).max()) < 1e-2
+    # The nearest row may sit in the last block only.
+    planted = torch.cat([bank, queries[:1]])
+    assert float(nearest_distances_bf16(queries[:1], bf16_bank(planted))) < 0.05 * float(exact.median())
 
 
 def test_bf16_and_exact_search_give_the_same_verdicts(tiny_cnn, normal_images, blob_image):

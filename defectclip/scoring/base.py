@@ -247,10 +247,11 @@ class FeatureScorer(Artifact, abc.ABC):
         """Patch features of every window the input plan cuts the images into, a few images at a time;
         from the tower as `inference` runs it, or the exact tower (`exact=True`, what fit uses)."""
         groups = iter_view_groups(as_image_source(images), self.plan, self.batch_size, self.features.min_size, self.tower.spec)
+        runner = self.features.runner(exact)  # once per call: the weights do not change during it
         for group in groups:
             embeddings = [
                 self.features.embed(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device),
-                                    exact=exact)
+                                    runner=runner)
                 for chunk in chunked(group.windows, self.batch_size)
             ]
             yield ViewBatch(torch.cat(embeddings), group.windows, [tuple(im.shape[-2:]) for im in group.images])
