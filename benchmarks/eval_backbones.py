@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,11 +39,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from defectclip.data import MVTecDataset, find_mvtec_categories
-from defectclip.io import write_json_atomic
-from defectclip.metrics import evaluate
-from defectclip.scoring import SCORERS
-from defectclip.towers import build_vision_tower
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers next to this script, also when imported by path
+from machine import cpu_model  # noqa: E402
+
+from defectclip.data import MVTecDataset, find_mvtec_categories  # noqa: E402
+from defectclip.io import write_json_atomic  # noqa: E402
+from defectclip.metrics import evaluate  # noqa: E402
+from defectclip.scoring import SCORERS  # noqa: E402
+from defectclip.towers import build_vision_tower  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 METRIC_TITLES = {"image_auroc": "Image AUROC (%)", "pixel_auroc": "Pixel AUROC (%)", "aupro": "AUPRO (%, FPR <= 0.3)"}
@@ -264,13 +266,6 @@ def markdown_tables(summary: dict, seeds: Sequence[int]) -> str:
     if with_std:
         lines.append(f"Mean ± standard deviation over seeds {list(seeds)}.")
     return "\n".join(lines) + "\n"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def machine_description() -> str:

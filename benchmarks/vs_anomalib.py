@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_backbones import capped_test_indices, evenly_spaced  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from defectclip.data import MVTecDataset, build_transform, resize  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
@@ -92,11 +92,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def machine_description() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
     cores = len(__import__("os").sched_getaffinity(0))
     threads = torch.get_num_threads()
-    return (f"{cores}-core CPU dev machine, {model}, {'one torch thread' if threads == 1 else f'{threads} torch threads'}"
+    return (f"{cores}-core CPU dev machine, {cpu_model()}, {'one torch thread' if threads == 1 else f'{threads} torch threads'}"
             f" (torch {torch.__version__})")
 
 
