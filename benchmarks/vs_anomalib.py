@@ -165,7 +165,7 @@ def evaluate_defectclip(model, test, masks, labels) -> dict:
     of the default features with the exact search (the search's own change); the paper's reweighted
     score on the default features."""
     default_inference, default_search = model.inference, model.search
-    row = {"inference": model.inference_mode, "search": "bf16" if model.uses_bf16_search else "exact",
+    row = {"inference": model.inference_mode, "search": model.search_kernel,
            **_metrics(model.predict(test), masks, labels)}
     model.search = "exact"
     row["image_auroc_exact_search"] = image_auroc(labels, [r.score for r in model.predict(test)])

@@ -26,7 +26,7 @@ from ..results import AnomalyResult
 from ..schema import MAX_SIGMA, Config, check_number, check_preprocess, check_tensor, confine_local_dir
 from ..towers import TowerError, VisionTower, build_vision_tower, split_spec
 from .errors import ScoringError
-from .features import PatchFeatures, ViewBatch, check_layers, default_layers
+from .features import PatchFeatures, ViewBatch, check_layers, default_layers, input_dtype
 from .inference import resolve_inference
 from .inputs import as_image_source, chunked, dataset_labels, iter_view_groups, normal_subset
 from .maps import DEFAULT_SIGMA, patch_scores_to_maps
@@ -248,13 +248,17 @@ class FeatureScorer(Artifact, abc.ABC):
         from the tower as `inference` runs it, or the exact tower (`exact=True`, what fit uses)."""
         groups = iter_view_groups(as_image_source(images), self.plan, self.batch_size, self.features.min_size, self.tower.spec)
         runner = self.features.runner(exact)  # once per call: the weights do not change during it
+        dtype = input_dtype(runner)
         for group in groups:
             embeddings = [
-                self.features.embed(self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device),
-                                    runner=runner)
+                self.features.embed(
+                    self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device, dtype),
+                    runner=runner,
+                )
                 for chunk in chunked(group.windows, self.batch_size)
             ]
-            yield ViewBatch(torch.cat(embeddings), group.windows, [tuple(im.shape[-2:]) for im in group.images])
+            embedding = embeddings[0] if len(embeddings) == 1 else torch.cat(embeddings)
+            yield ViewBatch(embedding, group.windows, [tuple(im.shape[-2:]) for im in group.images])
 
     @torch.no_grad()
     def predict(self, images: Any) -> list[AnomalyResult]:
