@@ -100,22 +100,12 @@ def test_native_patch_features_match_torch_pooling_upsampling_and_concatenation(
 
 
 @needs_kernels
-def test_patchcore_searches_with_the_kernel_by_default_and_agrees_with_the_exact_search(tiny_cnn, normal_images, blob_image):
+def test_patchcore_searches_with_the_kernel_by_default_and_follows_a_replaced_bank(tiny_cnn, normal_images, blob_image):
+    # Its agreement with the exact search: test_patchcore.py::test_bf16_and_exact_search_give_the_same_verdicts.
     model = PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu").fit(normal_images[:5])
     assert model.search_kernel == "amx" and model.uses_bf16_search
-    fast = model.predict([normal_images[5], blob_image])
-    model.search = "exact"
-    exact = model.predict([normal_images[5], blob_image])
-    for a, b in zip(fast, exact):
-        # Only the bfloat16 rounding of the features separates them; the tiny CNN's patches lie close
-        # together relative to their norms (the hard case for that rounding): still within 2 %.
-        assert a.score == pytest.approx(b.score, rel=2e-2)
-        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=2e-2, atol=2e-2 * float(b.anomaly_map.max()))
-    assert fast[1].score > 1.5 * fast[0].score
-    # A replaced bank is searched, not the layout prepared for the old one.
-    model.search = "auto"
     before = model.predict([blob_image])[0].score
-    model.memory_bank = model.memory_bank[:1].clone()
+    model.memory_bank = model.memory_bank[:1].clone()  # a far smaller bank: the blob gets farther
     assert model.predict([blob_image])[0].score > before
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import BLOB, save_png, textured_image, write_mvtec_category
 from defectclip.data import DataError, open_dataset
-from defectclip.scoring import FeatureScorer, PatchCore, ScoringError, calibrate_threshold
+from defectclip.scoring import FeatureScorer, PatchCore, ScoringError, calibrate_threshold, native
 from defectclip.scoring.features import measure_centre_offset
 from defectclip.scoring.maps import gaussian_blur, interpolation_matrix, patch_scores_to_maps
 from defectclip.scoring.patchcore import (
@@ -259,8 +259,12 @@ def test_bf16_search_pads_ragged_widths_and_merges_bank_blocks():
     assert float(nearest_distances_bf16(queries[:1], bf16_bank(planted))) < 0.05 * float(exact.median())
 
 
-def test_bf16_and_exact_search_give_the_same_verdicts(tiny_cnn, normal_images, blob_image):
-    model = PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu", search="bf16").fit(normal_images[:5])
+@pytest.mark.parametrize("search", ["bf16", "amx"])
+def test_bf16_and_exact_search_give_the_same_verdicts(search, tiny_cnn, normal_images, blob_image):
+    # "amx": the C kernel of scoring/native (tests/test_native.py); the same bfloat16 rounding.
+    if search == "amx" and not native.available()[0]:
+        pytest.skip(f"native kernels unavailable here: {native.available()[1]}")
+    model = PatchCore(tiny_cnn, coreset_ratio=0.5, device="cpu", search=search).fit(normal_images[:5])
     fast = model.predict([normal_images[5], blob_image])
     model.search = "exact"
     exact = model.predict([normal_images[5], blob_image])
