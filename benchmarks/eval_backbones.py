@@ -46,6 +46,7 @@ from defectclip.data import MVTecDataset, find_mvtec_categories  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
 from defectclip.metrics import evaluate  # noqa: E402
 from defectclip.scoring import SCORERS  # noqa: E402
+from defectclip.scoring.patchcore import DEFAULT_MAX_BANK_SIZE  # noqa: E402
 from defectclip.towers import build_vision_tower  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -64,6 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-train", type=int, default=None, help="cap on train/good images per category")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images per category")
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore memory bank fraction")
+    parser.add_argument("--max-bank-size", type=int, default=DEFAULT_MAX_BANK_SIZE,
+                        help="PatchCore's cap on the memory bank (the library default; 0 = no cap)")
     parser.add_argument("--padim-d", type=int, default=None, help="PaDiM channels kept (default: min(100, available))")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
@@ -119,7 +122,7 @@ def load_category(root: Path, category: str, max_train: int | None, max_test: in
 
 def method_kwargs(method: str, args: argparse.Namespace) -> dict:
     if method == "patchcore":
-        return {"coreset_ratio": args.coreset_ratio}
+        return {"coreset_ratio": args.coreset_ratio, "max_bank_size": args.max_bank_size or None}
     return {"d": args.padim_d}
 
 
