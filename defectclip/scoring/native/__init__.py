@@ -47,6 +47,14 @@ def available() -> tuple[bool, str]:
     return _state["ok"], _state["why"]
 
 
+def _library() -> ctypes.CDLL:
+    """The loaded kernels, or a RuntimeError saying why they cannot run here."""
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(f"The native kernels are not available here: {why}")
+    return _state["lib"]
+
+
 def prepare_bank(bank: torch.Tensor) -> torch.Tensor:
     """The bank as the kernel reads it: bfloat16 rows [-2 b~, |b~|^2 high, |b~|^2 low, 0...] (b~ = b
     rounded to bfloat16), padded with rows that never win (an infinite norm, no features)."""
@@ -69,9 +77,7 @@ def nearest_distances(queries: torch.Tensor, prepared: torch.Tensor) -> torch.Te
 
     With several torch threads the queries are split between that many threads (ctypes releases the
     GIL during the call); with one, a single call."""
-    ok, why = available()
-    if not ok:
-        raise RuntimeError(f"The AMX search kernel is not available here: {why}")
+    _library()
     return _distances(queries, prepared)
 
 
@@ -95,9 +101,7 @@ def _distances(queries: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
 def normalized_channels_last(images: list[torch.Tensor], scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """N x C x H x W bfloat16 (channels-last memory) holding image * scale + shift per channel, from
     same-sized C x H x W float32 CPU images of any strides; scale and shift hold C values."""
-    ok, why = available()
-    if not ok:
-        raise RuntimeError(f"The native kernels are not available here: {why}")
+    lib = _library()
     channels, height, width = images[0].shape
     out = torch.empty((len(images), channels, height, width), dtype=torch.bfloat16, memory_format=torch.channels_last)
     scale, shift = (v.detach().to("cpu", torch.float32).reshape(-1).contiguous() for v in (scale, shift))
@@ -108,7 +112,7 @@ def normalized_channels_last(images: list[torch.Tensor], scale: torch.Tensor, sh
         if tuple(image.shape) != (channels, height, width) or image.dtype != torch.float32 or image.device.type != "cpu":
             raise ValueError(f"Image {index} is {tuple(image.shape)} {image.dtype} on {image.device}; expected "
                              f"{(channels, height, width)} float32 on the CPU like the first.")
-        _state["lib"].dc_normalize_nhwc_bf16(
+        lib.dc_normalize_nhwc_bf16(
             image.data_ptr(), channels, height, width, *image.stride(), scale.data_ptr(), shift.data_ptr(),
             out.data_ptr() + index * bytes_per_image,
         )
@@ -119,9 +123,7 @@ def patch_features(maps: list[torch.Tensor]) -> torch.Tensor:
     """PatchCore's locally aware patch features from bfloat16 channels-last stage maps (N x C_i x h_i x
     w_i each): every map 3 x 3 averaged, bilinearly brought to the finest map's grid and the channels
     concatenated, as float32 N x sum(C_i) x H x W in channels-last memory (patch rows contiguous)."""
-    ok, why = available()
-    if not ok:
-        raise RuntimeError(f"The native kernels are not available here: {why}")
+    lib = _library()
     for m in maps:
         if m.dtype != torch.bfloat16 or m.device.type != "cpu" or not m.is_contiguous(memory_format=torch.channels_last):
             raise ValueError(f"Stage maps must be bfloat16 channels-last CPU tensors, got {m.dtype} on {m.device}.")
@@ -134,7 +136,7 @@ def patch_features(maps: list[torch.Tensor]) -> torch.Tensor:
              ([int(m.shape[2]) for m in maps], [int(m.shape[3]) for m in maps], channels)]
     for n in range(batch):
         pointers = (ctypes.c_void_p * len(maps))(*[m[n].data_ptr() for m in maps])
-        _state["lib"].dc_patch_features(len(maps), pointers, *sizes, height, width, scratch.data_ptr(),
+        lib.dc_patch_features(len(maps), pointers, *sizes, height, width, scratch.data_ptr(),
                                         out[n].data_ptr())
     return out
 

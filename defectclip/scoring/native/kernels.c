@@ -1,4 +1,6 @@
-/* Nearest-neighbour distances on Intel AMX: every query's Euclidean distance to its nearest bank row.
+/* Scoring kernels for CPUs with Intel AMX (loaded by defectclip/scoring/native/__init__.py). This first
+   one: nearest-neighbour distances, every query's Euclidean distance to its nearest bank row; the model
+   input and the patch features follow, each under its own header.
 
    Why a kernel of its own: through torch the search is one bfloat16 matrix product that writes a
    bank x queries score matrix (5,000 x 784 bfloat16 = 7.8 MB for one 224 px image) and a second pass
