@@ -11,7 +11,9 @@ source image is disjoint from training), with the object's own candidate caption
   (1 / 2 / 3 / 4+) and by type, with a confusion matrix.
 - mixed_type_top1: images holding regions of 2-4 different types, made by Poisson-blending regions of
   held-out images into one held-out canvas of the same object (a defect-free image where the split has
-  them, else a held-out image whose own regions are kept), each away from every other region.
+  them, else a held-out image whose own regions are kept), each away from every other region and, by
+  default (`--placement anchored`), at the place it had in its own image: a region that touched a border
+  touches the same border (a break stays on the part's edge); `--placement random` puts it anywhere.
 - swap_consistency: for every pair of regions of different types in one mixed image, both clicks are
   answered correctly (hence differently).
 - normal_area_no_defect: regions on clean surface (shapes of real regions and click-sized disks, away
@@ -116,12 +118,15 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
 
 
-def mixed_images(records: list[RegionRecord], goods: list[RegionRecord], count: int, seed: int):
+def mixed_images(records: list[RegionRecord], goods: list[RegionRecord], count: int, seed: int,
+                 placement: str = "anchored"):
     """`count` mixed-type images: (image tensor, masks, captions), regions of 2-4 types, all held out.
 
     Canvas: a defect-free held-out image if there are any, else a held-out image with its own regions
     (kept, and counted). Regions of types not yet in the image are blended in, each at least
-    NORMAL_CLEARANCE_PX from every region already there.
+    NORMAL_CLEARANCE_PX from every region already there: with `placement` "anchored" at the place it had
+    in its own image (touching the same borders, else at the same relative position; slid along its
+    borders when taken), "random" anywhere.
     """
     rng = np.random.default_rng([seed, 13])
     by_type: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -147,7 +152,7 @@ def mixed_images(records: list[RegionRecord], goods: list[RegionRecord], count: 
             defects = np.stack(masks).any(axis=0) if masks else np.zeros(image.shape[:2], bool)
             try:
                 placed = transplant_region(to_uint8(source.image), source.masks[m_index], image, caption,
-                                           seed=rng, allowed=clear_area(defects))
+                                           seed=rng, allowed=clear_area(defects), anchor=placement == "anchored")
             except ValueError:  # too large for this canvas, or no clear place left: try another type
                 continue
             image, masks, captions = placed.image, masks + [placed.mask], captions + [str(caption)]
@@ -216,7 +221,7 @@ def evaluate_object(reader: Reader, records: list[RegionRecord], goods: list[Reg
                     normal.add(reader.no_defect, predicted)
                 for predicted in reader.probe_top1(record.image, len(regions)):
                     normal_probe.add(reader.no_defect, predicted)
-    mixed = evaluate_mixed(reader, mixed_images(records, goods, args.mixed_images, args.seed))
+    mixed = evaluate_mixed(reader, mixed_images(records, goods, args.mixed_images, args.seed, args.placement))
     return {
         "mixed_type_top1": mixed["top1"].accuracy(), "probe_top1": mixed["probe"].accuracy(),
         "swap_consistency": mixed["swap"].accuracy(), "probe_swap_consistency": mixed["probe_swap"].accuracy(),
@@ -274,6 +279,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", type=Path, nargs="+", required=True, help="split-mask caption dataset folder(s), one per object")
     parser.add_argument("--split", default="test", help="held-out split to measure")
     parser.add_argument("--mixed-images", type=int, default=150, help="mixed-type images built per object")
+    parser.add_argument("--placement", choices=("anchored", "random"), default="anchored",
+                        help="where a mixed image's blended regions land: 'anchored' at the place each had in its own "
+                             "image (on the same borders), 'random' anywhere")
     parser.add_argument("--normal-per-image", type=int, default=1, help="normal regions drawn per held-out image")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mixed images, mosaics and normal regions")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images of each split (smoke runs; labelled)")
@@ -310,6 +318,7 @@ def main(argv=None) -> dict:
     training = describer.config.get("training", {})
     result = {"bench": "describer_regions", **summary(by_object), "by_object": by_object,
               "model": str(args.model), "split": args.split, "subset": args.limit is not None,
+              "mixed_placement": args.placement,
               "view": describer.config.get("view"), "image_size": list(describer.image.preprocess.size),
               "training_steps": training.get("max_steps"), "training": training,
               "seconds": round(time.perf_counter() - started, 1), "machine": machine()}

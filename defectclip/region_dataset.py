@@ -26,6 +26,7 @@ from .data import DataError
 from .data.images import image_to_tensor
 from .data.regions import bounding_box, crop_to_box, disk_shape, sample_normal_regions
 from .data.transforms import Preprocess, resize
+from .data.transplant import region_anchor
 from .captions import caption
 from .io import read_json
 
@@ -275,6 +276,7 @@ def _to_uint8(tensor: torch.Tensor) -> torch.Tensor:
 DONOR_POOL = 300
 SURROUND_POOL = 24
 DONOR_MARGIN_PX = 8
+PLACEMENTS = ("anchored", "random")  # where a mixed-type copy's blended regions land
 
 
 def loose_region(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -301,13 +303,18 @@ class MixAugmenter:
 
     - `mixed(record)`: the record's image with 1-2 regions of other types (from earlier records of the
       same object) Poisson-blended in away from its own regions: regions of different types in one
-      image, so the describer must read the mask to tell them apart.
+      image, so the describer must read the mask to tell them apart. `placement` "anchored" puts each
+      at the place it had in its own image (on the same borders; `defectclip.data.transplant`),
+      "random" anywhere.
     - `surround(image, masks)`: the image in the centre of a 3 x 3 mosaic of other images of the
       object, so a crop that reaches past the image border sees surface instead of black (the app's
       images and a mosaic's cells do not end where a training image ended).
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, placement: str = "anchored"):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.placement = placement
         self.rng = np.random.default_rng([seed, 23])
         self.donors: dict[str, list[tuple[np.ndarray, np.ndarray, str, str]]] = {}
         self.images: dict[str, list[torch.Tensor]] = {}
@@ -320,10 +327,11 @@ class MixAugmenter:
         donors = self.donors.setdefault(record.object, [])
         array = image.permute(1, 2, 0).numpy()
         for mask, caption_text, defect in zip(record.masks, record.captions, record.defects):
+            anchor = region_anchor(mask) if self.placement == "anchored" else None
             x0, y0, x1, y1 = bounding_box(mask)
             top, left = max(0, y0 - DONOR_MARGIN_PX), max(0, x0 - DONOR_MARGIN_PX)
             window = (slice(top, y1 + DONOR_MARGIN_PX), slice(left, x1 + DONOR_MARGIN_PX))
-            donors.append((np.ascontiguousarray(array[window]), mask[window].copy(), caption_text, defect))
+            donors.append((np.ascontiguousarray(array[window]), mask[window].copy(), caption_text, defect, anchor))
         del donors[:-DONOR_POOL]
 
     def mixed(self, record: RegionRecord) -> tuple[torch.Tensor, list[np.ndarray], list[tuple[str, str]]] | None:
@@ -344,7 +352,7 @@ class MixAugmenter:
         canvas = _to_uint8(record.image).permute(1, 2, 0).numpy().copy()
         labels = list(zip(record.captions, record.defects))
         image, masks, labels = blend_regions_into(canvas, list(record.masks), labels,
-                                                  [(d[0], d[1], (d[2], d[3])) for d in picks], self.rng)
+                                                  [(d[0], d[1], (d[2], d[3]), d[4]) for d in picks], self.rng)
         if len(masks) == len(record.masks):
             return None
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0, masks, labels
@@ -368,7 +376,7 @@ class MixAugmenter:
 def load_region_views(source: str | Path, split: str, region_inputs, no_defect: dict[str, str] | None = None,
                       normal_per_image: int = 1, max_normal_images: int | None = None, seed: int = 0,
                       revision: str | None = None, mixed: bool = False, surround: float = 0.0,
-                      loose: bool = False) -> RegionTable:
+                      loose: bool = False, placement: str = "anchored") -> RegionTable:
     """Every region of a split as the describer sees it: one view (crop and mask coverage) per region.
 
     `region_inputs(images, masks)` is the describer's own view function, so training sees exactly what
@@ -378,13 +386,13 @@ def load_region_views(source: str | Path, split: str, region_inputs, no_defect: 
     --include-normal) give them too, at most `max_normal_images` such images (default: as many as the
     defective images read before them, so defect-free images never outnumber defective ones; a build
     lists defective images first). `mixed` adds, per image, a mixed-type copy (MixAugmenter.mixed) with
-    all its regions and a normal one; `surround` is the probability that an image is seen inside a
+    all its regions and a normal one (`placement`: where blended regions land); `surround` is the probability that an image is seen inside a
     mosaic of others (MixAugmenter.surround). `loose` adds, per defect region, a loosely drawn copy
     with the same caption (`loose_region`: a click disk on it, or the mask grown), as the app's
     regions are.
     """
     table = _ViewTable()
-    bank, augmenter = ShapeBank(seed=seed), MixAugmenter(seed)
+    bank, augmenter = ShapeBank(seed=seed), MixAugmenter(seed, placement)
     good_images = defective_images = 0
     for record in iter_region_records(source, split, revision, include_normal=bool(no_defect)):
         bank.add(record)

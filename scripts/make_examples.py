@@ -10,8 +10,8 @@ with `python -m hub.datasets build ... --include-normal`), so no example was tra
   each leading the runner-up by CLEAR_LEAD, on this CPU's default scoring path and on the exact float32 one;
 - the held-out defect-free image furthest below the threshold whose clean click reads "no defect";
 - one mixed-type image: that defect-free image with the region of the two most frequent held-out types'
-  examples Poisson-blended in (`defectclip.data.transplant`), away from each other, at the first of a few
-  placements the shipped models handle.
+  examples Poisson-blended in (`defectclip.data.transplant`) where they were in their own images, away from
+  each other, at the first of a few placements the shipped models handle.
 An example is a demonstration, so it shows a case the models get right; how often they do on held-out data is
 `benchmarks/results/describer_regions.json`. A type with no such case falls back to its clearest image, said
 on stderr.
@@ -210,13 +210,15 @@ def mixed_example(records, chosen: dict[str, int], canvases: list[int], sources,
 
 
 def blend_pair(records, chosen: dict[str, int], canvas: RegionRecord, types: tuple[str, str], seed: int):
-    """The canvas with the chosen region of each type Poisson-blended in, away from each other."""
+    """The canvas with the chosen region of each type Poisson-blended in, away from each other, each at the
+    place it had in its own image (a break stays on the border it broke from)."""
     rng = np.random.default_rng(seed)
     image, masks, defects, captions = to_uint8(canvas), [], [], []
     for defect in types:
         record = records[chosen[defect]]
         allowed = None if not masks else ndimage.distance_transform_edt(~np.stack(masks).any(axis=0)) > 20
-        placed = transplant_region(to_uint8(record), record.masks[0], image, defect, seed=rng, allowed=allowed)
+        placed = transplant_region(to_uint8(record), record.masks[0], image, defect, seed=rng, allowed=allowed,
+                                   anchor=True)
         image = placed.image
         masks.append(placed.mask)
         defects.append(defect)

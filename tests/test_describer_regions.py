@@ -179,6 +179,30 @@ def test_blended_regions_land_away_from_every_other_region():
     assert np.array_equal(image[far], canvas[far])  # nothing but the blends changed
 
 
+def test_mixed_copies_keep_a_border_defect_on_its_border():
+    from defectclip.data.regions import bounding_box
+    from defectclip.region_dataset import MixAugmenter, RegionRecord
+
+    rng = np.random.default_rng(1)
+
+    def record(defect: str, box: tuple[slice, slice]) -> RegionRecord:
+        image = torch.from_numpy(rng.uniform(0.4, 0.6, (3, 80, 100))).float()
+        mask = np.zeros((1, 80, 100), bool)
+        mask[(0, *box)] = True
+        image[:, box[0], box[1]] = 0.05
+        return RegionRecord(image, "tile", mask, [defect], [f"a {defect} in the tile"])
+
+    augmenter = MixAugmenter(seed=0)  # anchored by default
+    augmenter.add(record("break", (slice(0, 10), slice(40, 60))))  # on the top border
+    image, masks, labels = augmenter.mixed(record("blowhole", (slice(50, 58), slice(20, 28))))
+    assert [caption for caption, _ in labels] == ["a blowhole in the tile", "a break in the tile"]
+    x0, y0, x1, y1 = bounding_box(masks[1])
+    assert y0 == 0 and (x1 - x0, y1 - y0) == (20, 10)  # still on the top border, whole
+    assert float(image[:, masks[1]].mean()) < 0.2  # the dark break came along
+    with pytest.raises(ValueError, match="placement"):
+        MixAugmenter(placement="middle")
+
+
 def test_loose_regions_cover_the_defect_they_copy():
     from defectclip.region_dataset import loose_region
 

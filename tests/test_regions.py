@@ -199,6 +199,20 @@ def test_transplant_places_the_region_and_changes_nothing_far_from_it():
     assert (again.image == placed.image).all() and (again.mask == placed.mask).all()
 
 
+def test_a_faint_defect_keeps_its_contrast_in_another_image():
+    # A blowhole 15 grey levels darker than its surroundings, blended into a much brighter tile, must
+    # still be 15 levels darker there (OpenCV's seamlessClone returned the target unchanged for this).
+    source = np.full((40, 40, 3), 45, dtype=np.uint8)
+    region = np.zeros((40, 40), dtype=bool)
+    region[15:25, 15:25] = True
+    source[region] = 30
+    target = np.full((100, 120, 3), 118, dtype=np.uint8)
+    for anchor in (None, True):
+        placed = transplant_region(source, region, target, seed=2, anchor=anchor)
+        assert abs(float(placed.image[placed.mask].mean()) - 103) <= 1
+        assert (placed.image[~placed.mask] == 118).all()  # the surroundings were equal, so nothing else moves
+
+
 def test_transplant_respects_allowed_area_and_gray_images():
     source = np.full((40, 40), 200, dtype=np.uint8)
     region = np.zeros((40, 40), dtype=bool)
@@ -212,3 +226,52 @@ def test_transplant_respects_allowed_area_and_gray_images():
     assert allowed[placed.mask].all()
     with pytest.raises(ValueError):
         transplant_region(source, region, np.zeros((8, 8), np.uint8))  # too small a canvas
+
+
+def test_anchored_transplant_keeps_the_borders_the_region_touched():
+    from defectclip.data.transplant import region_anchor
+
+    rng = np.random.default_rng(0)
+    source = rng.integers(180, 200, (60, 70, 3), dtype=np.uint8)
+    edge = np.zeros((60, 70), dtype=bool)
+    edge[0:8, 30:50] = True  # a break on the top border, in the middle of it
+    source[edge] = 20
+    target = np.full((90, 140, 3), 128, dtype=np.uint8)
+
+    anchor = region_anchor(edge)
+    assert anchor.touches == ((False, False), (True, False))
+    placed = transplant_region(source, edge, target, "break", seed=3, anchor=anchor)
+    x0, y0, x1, y1 = bounding_box(placed.mask)
+    assert y0 == 0 and (x1 - x0, y1 - y0) == (20, 8)  # flush with the top border, the same shape
+    assert abs((x0 + x1) / 2 / 140 - anchor.centre[0]) < 0.02  # at the same relative place along it
+    assert placed.image[placed.mask].mean() < 100  # and the dark defect came along
+
+    corner = np.zeros((60, 70), dtype=bool)
+    corner[50:60, 62:70] = True  # the bottom-right corner
+    placed = transplant_region(source, corner, target, seed=3, anchor=True)
+    x0, y0, x1, y1 = bounding_box(placed.mask)
+    assert (x1, y1) == (140, 90)
+
+    # The anchored spot taken: the region slides along its border instead of leaving it.
+    allowed = np.ones((90, 140), dtype=bool)
+    allowed[:, 40:100] = False
+    placed = transplant_region(source, edge, target, seed=3, anchor=anchor, allowed=allowed)
+    x0, y0, x1, y1 = bounding_box(placed.mask)
+    assert y0 == 0 and allowed[placed.mask].all()
+    allowed[:12, :] = False  # no room left on the top border at all
+    with pytest.raises(ValueError, match="borders"):
+        transplant_region(source, edge, target, seed=3, anchor=anchor, allowed=allowed)
+
+
+def test_anchored_transplant_of_an_inner_region_keeps_its_relative_place():
+    source = np.full((100, 100, 3), 200, dtype=np.uint8)
+    spot = np.zeros((100, 100), dtype=bool)
+    spot[70:76, 20:26] = True
+    source[spot] = 10
+    target = np.full((200, 300, 3), 90, dtype=np.uint8)
+    placed = transplant_region(source, spot, target, seed=0, anchor=True)
+    x0, y0, x1, y1 = bounding_box(placed.mask)
+    assert abs((x0 + x1) / 2 - 0.23 * 300) <= 1 and abs((y0 + y1) / 2 - 0.73 * 200) <= 1
+    far = np.ones((200, 300), dtype=bool)
+    far[y0 - 6 : y1 + 6, x0 - 6 : x1 + 6] = False
+    assert (placed.image[far] == 90).all()

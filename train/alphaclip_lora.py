@@ -33,7 +33,7 @@ from defectclip.alphaclip import (
 )
 from defectclip.alphaclip import CONTEXT_SCALE, MIN_SIDE_PX
 from defectclip.captions import no_defect_caption
-from defectclip.region_dataset import (RegionTable, concat_region_tables, load_region_table, load_region_views,
+from defectclip.region_dataset import (PLACEMENTS, RegionTable, concat_region_tables, load_region_table, load_region_views,
                                        read_dataset_candidates)
 from defectclip.data.transforms import normalize
 from defectclip.towers import OFFLINE_TEXT, OFFLINE_VISION
@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mixed", action="store_true",
                         help="also train on a mixed-type copy of each image: regions of other types from earlier "
                              "training images Poisson-blended in away from its own (defectclip.data.transplant)")
+    parser.add_argument("--mixed-placement", choices=PLACEMENTS, default="anchored",
+                        help="where --mixed puts a blended region: 'anchored' at the place it had in its own image "
+                             "(on the same borders: a break stays on the edge), 'random' anywhere")
     parser.add_argument("--surround", type=float, default=0.0,
                         help="probability that an image is seen inside a 3 x 3 mosaic of other training images, so "
                              "crops past its border see surface rather than black")
@@ -245,7 +248,7 @@ def load_training_table(describer: AlphaDescriber, args: argparse.Namespace, no_
     else:
         tables = [load_region_views(d, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
                                     args.max_normal_images, args.seed, args.dataset_revision, args.mixed,
-                                    args.surround, args.loose) for d in args.dataset]
+                                    args.surround, args.loose, args.mixed_placement) for d in args.dataset]
     return tables[0] if len(tables) == 1 else concat_region_tables(tables)
 
 
@@ -328,7 +331,7 @@ def training_record(args: argparse.Namespace) -> dict:
     """The recipe, saved in describer_config.json so a model folder says how it was made."""
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
             "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "lora_targets", "seed", "mixed_precision",
-            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "surround", "loose")
+            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "mixed_placement", "surround", "loose")
     return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key in keys}
 
