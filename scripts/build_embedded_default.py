@@ -76,7 +76,7 @@ def build_regions(source: Path, work: Path, name: str, *extra: str) -> Path:
 # smaller object's regions repeated (--balance-objects), mixed-type copies of the training images and
 # images surrounded by others (what moved the numbers there), LoRA rank 16 to keep the folder small.
 # Run 3 added --loose: better on click disks over defects, worse on clean surface, so not shipped.
-DESCRIBER_RECIPE = ["--image-size", "96", "--batch-size", "32", "--warmup-steps", "20", "--lr", "5e-4",
+DESCRIBER_RECIPE = ["--image-size", "160", "--batch-size", "32", "--warmup-steps", "20", "--lr", "5e-4",
                     "--alpha-lr", "3e-3", "--lora-r", "16", "--lora-alpha", "16", "--balance-objects", "0.75",
                     "--mixed", "--surround", "0.5"]
 
