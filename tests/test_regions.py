@@ -199,13 +199,19 @@ def test_transplant_places_the_region_and_changes_nothing_far_from_it():
     assert (again.image == placed.image).all() and (again.mask == placed.mask).all()
 
 
+def _flat_image_with_square_defect(side: int, box: tuple[int, int, int, int], background: int, defect: int):
+    """A side x side RGB image of one grey level with a box (top, bottom, left, right) of another: (image, mask)."""
+    image = np.full((side, side, 3), background, dtype=np.uint8)
+    region = np.zeros((side, side), dtype=bool)
+    region[box[0] : box[1], box[2] : box[3]] = True
+    image[region] = defect
+    return image, region
+
+
 def test_a_faint_defect_keeps_its_contrast_in_another_image():
     # A blowhole 15 grey levels darker than its surroundings, blended into a much brighter tile, must
     # still be 15 levels darker there (OpenCV's seamlessClone returned the target unchanged for this).
-    source = np.full((40, 40, 3), 45, dtype=np.uint8)
-    region = np.zeros((40, 40), dtype=bool)
-    region[15:25, 15:25] = True
-    source[region] = 30
+    source, region = _flat_image_with_square_defect(40, (15, 25, 15, 25), background=45, defect=30)
     target = np.full((100, 120, 3), 118, dtype=np.uint8)
     for anchor in (None, True):
         placed = transplant_region(source, region, target, seed=2, anchor=anchor)
@@ -264,10 +270,7 @@ def test_anchored_transplant_keeps_the_borders_the_region_touched():
 
 
 def test_anchored_transplant_of_an_inner_region_keeps_its_relative_place():
-    source = np.full((100, 100, 3), 200, dtype=np.uint8)
-    spot = np.zeros((100, 100), dtype=bool)
-    spot[70:76, 20:26] = True
-    source[spot] = 10
+    source, spot = _flat_image_with_square_defect(100, (70, 76, 20, 26), background=200, defect=10)
     target = np.full((200, 300, 3), 90, dtype=np.uint8)
     placed = transplant_region(source, spot, target, seed=0, anchor=True)
     x0, y0, x1, y1 = bounding_box(placed.mask)
