@@ -26,7 +26,7 @@ from .data import DataError
 from .data.images import image_to_tensor
 from .data.regions import bounding_box, crop_to_box, disk_shape, sample_normal_regions
 from .data.transforms import Preprocess, resize
-from .data.transplant import region_anchor
+from .data.transplant import RegionAnchor, region_anchor
 from .captions import caption
 from .io import read_json
 
@@ -316,7 +316,7 @@ class MixAugmenter:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.placement = placement
         self.rng = np.random.default_rng([seed, 23])
-        self.donors: dict[str, list[tuple[np.ndarray, np.ndarray, str, str]]] = {}
+        self.donors: dict[str, list[tuple[np.ndarray, np.ndarray, str, str, RegionAnchor | None]]] = {}
         self.images: dict[str, list[torch.Tensor]] = {}
 
     def add(self, record: RegionRecord) -> None:

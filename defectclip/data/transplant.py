@@ -116,9 +116,7 @@ def _choose_offset(
         )
     for _ in range(MAX_PLACEMENT_TRIES):
         x, y = int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1))
-        placed = np.zeros(target_shape, dtype=bool)
-        placed[y : y + box_h, x : x + box_w] = region
-        if _fits(placed, allowed):
+        if _fits(_place(region, target_shape, x, y), allowed):
             return x, y
     raise ValueError(f"No place in the target where the defect lies inside `allowed` after {MAX_PLACEMENT_TRIES} tries.")
 
@@ -155,19 +153,19 @@ def _anchored_offset(anchor: RegionAnchor, region: np.ndarray, target_shape: tup
                 break
             x = int(rng.integers(0, width - box_w + 1)) if free_x else x
             y = int(rng.integers(0, height - box_h + 1)) if free_y else y
-        placed = np.zeros(target_shape, dtype=bool)
-        placed[y : y + box_h, x : x + box_w] = cut
-        if _fits(placed, allowed):
+        if _fits(_place(cut, target_shape, x, y), allowed):
             return x, y
     raise ValueError("No place in the target at the defect's own borders that lies inside `allowed`.")
 
 
 def _place(box_mask: np.ndarray, shape: tuple[int, int], x: int, y: int) -> np.ndarray:
     """An H x W mask with `box_mask` at top-left (x, y); the parts outside the image are dropped."""
-    padded = np.zeros((shape[0] + 2 * box_mask.shape[0], shape[1] + 2 * box_mask.shape[1]), dtype=bool)
-    top, left = y + box_mask.shape[0], x + box_mask.shape[1]
-    padded[top : top + box_mask.shape[0], left : left + box_mask.shape[1]] = box_mask
-    return padded[box_mask.shape[0] : box_mask.shape[0] + shape[0], box_mask.shape[1] : box_mask.shape[1] + shape[1]]
+    placed = np.zeros(shape, dtype=bool)
+    top, left = max(y, 0), max(x, 0)
+    bottom, right = min(y + box_mask.shape[0], shape[0]), min(x + box_mask.shape[1], shape[1])
+    if bottom > top and right > left:
+        placed[top:bottom, left:right] = box_mask[top - y : bottom - y, left - x : right - x]
+    return placed
 
 
 def poisson_blend(patch: np.ndarray, inside: np.ndarray, target: np.ndarray, x: int, y: int) -> np.ndarray:
@@ -179,6 +177,10 @@ def poisson_blend(patch: np.ndarray, inside: np.ndarray, target: np.ndarray, x: 
     (the defect against its surroundings) is kept and its edge meets the target. `inside` must leave
     a frame of at least one pixel of the patch; the patch may stick out of the target (the target is
     reflected there), and pixels outside `inside` are the target's own.
+
+    `defectclip.synth.poisson_torch.poisson_blend` solves the same equations batched with a fixed
+    number of conjugate-gradient steps (sized for NSA's patches, up to ~100 px); real regions here
+    reach several hundred px (uneven areas), so this one solves exactly, once, on the CPU.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import splu
@@ -188,7 +190,7 @@ def poisson_blend(patch: np.ndarray, inside: np.ndarray, target: np.ndarray, x: 
         raise ValueError("The blend area must leave a frame of at least one pixel around it in the patch.")
     height, width = inside.shape
     pad = max(0, -x, -y, x + width - target.shape[1], y + height - target.shape[0])
-    padded = cv2.copyMakeBorder(target, pad, pad, pad, pad, cv2.BORDER_REFLECT_101) if pad else target
+    padded = cv2.copyMakeBorder(target, pad, pad, pad, pad, cv2.BORDER_REFLECT_101)
     window = (slice(y + pad, y + pad + height), slice(x + pad, x + pad + width))
     under = padded[window].astype(np.float64)
     guide = patch.astype(np.float64)
@@ -212,9 +214,8 @@ def poisson_blend(patch: np.ndarray, inside: np.ndarray, target: np.ndarray, x: 
     correction = splu(laplacian).solve(rhs)
     blended = under.copy()
     blended[rows, cols] = guide[rows, cols] + correction
-    out = padded.copy()
-    out[window] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    return out[pad : pad + target.shape[0], pad : pad + target.shape[1]] if pad else out
+    padded[window] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return padded[pad : pad + target.shape[0], pad : pad + target.shape[1]]
 
 
 def transplant_region(
