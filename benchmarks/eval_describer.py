@@ -285,6 +285,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--normal-per-image", type=int, default=1, help="normal regions drawn per held-out image")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mixed images, mosaics and normal regions")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images of each split (smoke runs; labelled)")
+    parser.add_argument("--flip-average", choices=("model", "on", "off"), default="model",
+                        help="embed each region as the mean over the four flips of its view ('on'), from one view "
+                             "('off'), or as the model's config says ('model')")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path, default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -306,6 +309,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     describer = AlphaDescriber.from_pretrained(args.model).eval()
+    if args.flip_average != "model":
+        describer.config["flip_average"] = args.flip_average == "on"
     by_object = {}
     for dataset in args.dataset:
         object_started = time.perf_counter()
@@ -318,7 +323,7 @@ def main(argv=None) -> dict:
     training = describer.config.get("training", {})
     result = {"bench": "describer_regions", **summary(by_object), "by_object": by_object,
               "model": str(args.model), "split": args.split, "subset": args.limit is not None,
-              "mixed_placement": args.placement,
+              "mixed_placement": args.placement, "flip_average": describer.flip_average,
               "view": describer.config.get("view"), "image_size": list(describer.image.preprocess.size),
               "training_steps": training.get("max_steps"), "training": training,
               "seconds": round(time.perf_counter() - started, 1), "machine": machine()}

@@ -248,6 +248,18 @@ def test_region_views_add_normal_regions_captioned_no_defect(region_dataset):
     assert caption not in plain.captions and len(plain.region_image) == defect_regions
 
 
+def test_each_mixed_copy_adds_regions_of_other_types(region_dataset):
+    from defectclip.region_dataset import iter_region_records, load_region_views
+
+    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, view={"context": 2.0, "min_side": 16})
+    defect_regions = sum(len(r.masks) for r in iter_region_records(region_dataset, "train"))
+    counts = [len(load_region_views(region_dataset, "train", describer.region_inputs, mixed=copies).region_image)
+              for copies in (0, 1, 2)]
+    assert counts[0] == defect_regions
+    # every mixed copy repeats its image's own regions and adds at least one blended region of another type
+    assert counts[1] >= 2 * defect_regions and counts[2] - counts[1] >= counts[1] - counts[0] - 2
+
+
 def test_thirty_step_run_lowers_the_loss_and_reloads_to_identical_outputs(region_dataset, tmp_path):
     result = train_main(tiny_run_args(region_dataset, tmp_path / "run", 30, "--export-merged", "--checkpointing-steps", "100"))
     losses = result["losses"]

@@ -76,6 +76,45 @@ def test_describer_answer_depends_on_the_clicked_region():
     assert not torch.allclose(embeddings[0], embeddings[1], atol=1e-3)
 
 
+def test_flip_average_is_the_mean_of_the_four_flipped_views_and_ignores_a_mirror():
+    from defectclip.alphaclip.describer import flip_averaged_embeddings
+
+    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, view={"context": 2.0, "min_side": 16},
+                                     flip_average=True)
+    generator = torch.Generator().manual_seed(2)
+    image = torch.rand(3, 96, 96, generator=generator)
+    mask = torch.zeros(96, 96, dtype=torch.bool)
+    mask[20:34, 50:58] = True
+    pixels, alpha = describer.prepare(image[None], mask[None])
+    by_hand = torch.stack([describer.image(pixels.flip(d), alpha.flip(d)) if d else describer.image(pixels, alpha)
+                           for d in ((), (-1,), (-2,), (-2, -1))]).mean(0)
+    averaged = describer.embed_regions(image[None], mask[None])
+    assert torch.allclose(averaged, torch.nn.functional.normalize(by_hand, dim=-1), atol=1e-6)
+    assert not torch.allclose(averaged, describer.image(pixels, alpha), atol=1e-4)  # not just the one view
+    mirrored = flip_averaged_embeddings(describer.image, pixels.flip(-1), alpha.flip(-1))
+    assert torch.allclose(mirrored, averaged, atol=1e-5)  # a mirrored region gets the same answer
+    describer.config["flip_average"] = False
+    assert torch.allclose(describer.embed_regions(image[None], mask[None]), describer.image(pixels, alpha))
+
+
+def test_flip_average_is_saved_and_checked(tmp_path):
+    import json
+
+    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, flip_average=True,
+                                     candidates={"widget": ["a dent in the widget"]})
+    describer.save_pretrained(tmp_path / "d")
+    assert AlphaDescriber.from_pretrained(tmp_path / "d").flip_average
+    config_path = tmp_path / "d" / "describer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["flip_average"]  # describers saved before it existed embed one view
+    config_path.write_text(json.dumps(config))
+    assert not AlphaDescriber.from_pretrained(tmp_path / "d").flip_average
+    config["flip_average"] = "yes"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(DefectclipError, match="flip_average"):
+        AlphaDescriber.from_pretrained(tmp_path / "d")
+
+
 # ------------------------------------------------------------------------------------------- captions
 
 

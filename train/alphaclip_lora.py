@@ -92,6 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mixed", action="store_true",
                         help="also train on a mixed-type copy of each image: regions of other types from earlier "
                              "training images Poisson-blended in away from its own (defectclip.data.transplant)")
+    parser.add_argument("--mixed-copies", type=int, default=1,
+                        help="mixed-type copies per training image with --mixed, each with other blended regions")
+    parser.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
+                        help="the saved describer embeds a region as the mean over the four flips of its view "
+                             "(training flips at random, so each is a view it knows); --no-flip-average: one view")
     parser.add_argument("--mixed-placement", choices=PLACEMENTS, default="anchored",
                         help="where --mixed puts a blended region: 'anchored' at the place it had in its own image "
                              "(on the same borders: a break stays on the edge), 'random' anywhere")
@@ -130,6 +135,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--surround must be in [0, 1]")
     if args.normal_regions < 0 or args.balance_objects < 0:
         raise SystemExit("--normal-regions and --balance-objects must be 0 or more")
+    if args.mixed_copies < 1:
+        raise SystemExit("--mixed-copies must be at least 1 (leave out --mixed to train without mixed copies)")
     if args.view_context < 1.0 or args.view_min_side < 1:
         raise SystemExit("--view-context must be at least 1 and --view-min-side at least 1 px")
     for dataset in args.dataset:
@@ -247,7 +254,8 @@ def load_training_table(describer: AlphaDescriber, args: argparse.Namespace, no_
                   for d in args.dataset]
     else:
         tables = [load_region_views(d, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
-                                    args.max_normal_images, args.seed, args.dataset_revision, args.mixed,
+                                    args.max_normal_images, args.seed, args.dataset_revision,
+                                    args.mixed_copies if args.mixed else 0,
                                     args.surround, args.loose, args.mixed_placement) for d in args.dataset]
     return tables[0] if len(tables) == 1 else concat_region_tables(tables)
 
@@ -293,7 +301,7 @@ def build_describer(args: argparse.Namespace, candidates: dict[str, list[str]],
                     no_defect: dict[str, str] | None = None) -> AlphaDescriber:
     view = {"context": args.view_context, "min_side": args.view_min_side} if args.view == "crop" else None
     describer = AlphaDescriber.build(args.vision, args.text, args.image_size, args.seed, args.temperature, candidates,
-                                     view=view, no_defect=no_defect)
+                                     view=view, no_defect=no_defect, flip_average=args.flip_average)
     describer.attach_adapter(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     return describer
 
@@ -331,7 +339,8 @@ def training_record(args: argparse.Namespace) -> dict:
     """The recipe, saved in describer_config.json so a model folder says how it was made."""
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
             "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "lora_targets", "seed", "mixed_precision",
-            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "mixed_placement", "surround", "loose")
+            "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "mixed_copies", "mixed_placement",
+            "surround", "loose", "flip_average")
     return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key in keys}
 

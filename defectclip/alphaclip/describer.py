@@ -58,12 +58,15 @@ class AlphaDescriber(Artifact, nn.Module):
     @classmethod
     def build(cls, vision: str, text: str, image_size: int | None = None, seed: int = 0,
               temperature: float = DEFAULT_TEMPERATURE, candidates: dict[str, list[str]] | None = None,
-              view: dict | None = None, no_defect: dict[str, str] | None = None) -> "AlphaDescriber":
+              view: dict | None = None, no_defect: dict[str, str] | None = None,
+              flip_average: bool = False) -> "AlphaDescriber":
         """A fresh, untuned describer: alpha conv zero, no adapter, projection initialised from `seed`.
 
         `view` ({"context": .., "min_side": ..}) makes it look at a crop around each region (see
         `view.region_view`); None keeps the whole-image view of describers saved before crops existed.
         `no_defect` names, per object, the candidate caption that means "no defect here".
+        `flip_average` makes a region's embedding the mean over the four flips of its view (see
+        `embed_regions`).
         """
         text_tower = build_text_tower(text)
         image_tower = build_alpha_tower(vision, text_tower.dim, image_size, projection_seed=seed)
@@ -72,6 +75,7 @@ class AlphaDescriber(Artifact, nn.Module):
             "preprocess": image_tower.preprocess.to_dict(), "projection_seed": seed,
             "temperature": temperature, "candidates": dict(candidates or {}), "merged": False, "lora": None,
             "view": dict(view) if view is not None else None, "no_defect": dict(no_defect or {}),
+            "flip_average": bool(flip_average),
         }
         return cls(image_tower.eval(), text_tower.eval(), config)
 
@@ -109,6 +113,11 @@ class AlphaDescriber(Artifact, nn.Module):
         views, coverage = self.region_inputs(images, masks)
         return normalize(views, self.image.preprocess), coverage_to_alpha(coverage)
 
+    @property
+    def flip_average(self) -> bool:
+        """Whether a region's embedding is the mean over the four flips of its view."""
+        return bool(self.config.get("flip_average", False))
+
     @torch.no_grad()
     def embed_regions(self, images: torch.Tensor, masks) -> torch.Tensor:
         """One embedding per (image, mask) pair; images N x 3 x H x W in [0, 1], masks N x H x W."""
@@ -116,7 +125,10 @@ class AlphaDescriber(Artifact, nn.Module):
             images = images[None]
         device = next(self.image.parameters()).device
         pixels, alpha = self.prepare(images.float(), masks)
-        return self.image(pixels.to(device), alpha.to(device))
+        pixels, alpha = pixels.to(device), alpha.to(device)
+        if not self.flip_average:
+            return self.image(pixels, alpha)
+        return flip_averaged_embeddings(self.image, pixels, alpha)
 
     @torch.no_grad()
     def embed_captions(self, captions: Sequence[str]) -> torch.Tensor:
@@ -290,6 +302,8 @@ def check_describer_config(config: dict, folder: Path, root: str | Path | None,
         view.number("min_side", 1, MAX_MODEL_SIDE, integer=True)
         if set(config["view"]) != {"context", "min_side"}:
             schema.fail("must hold exactly 'context' and 'min_side'", "view")
+    if not isinstance(config.get("flip_average", False), bool):
+        schema.fail("must be true or false", "flip_average")
     no_defect = config.get("no_defect") or {}
     if not isinstance(no_defect, dict) or not all(
         isinstance(name, str) and caption in candidates.get(name, ()) for name, caption in no_defect.items()
@@ -307,6 +321,23 @@ def check_describer_config(config: dict, folder: Path, root: str | Path | None,
         for role in ("vision", "text")
     )
     return vision, text
+
+
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, horizontal, vertical, both: the flips training draws
+
+
+def flip_averaged_embeddings(tower: nn.Module, pixels: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The tower's embedding of each view averaged over its four flips, L2-normalised again.
+
+    Training shows every view flipped each way at random, so all four are views the describer knows;
+    their mean is steadier than any one (on the validation split it read mixed-type magnetic-tile
+    regions better: benchmarks/results/describer_regions.md, session 8).
+    """
+    count = len(pixels)
+    flipped_pixels = torch.cat([pixels.flip(dims) if dims else pixels for dims in FLIPS])
+    flipped_alpha = torch.cat([alpha.flip(dims) if dims else alpha for dims in FLIPS])
+    embeddings = tower(flipped_pixels, flipped_alpha).reshape(len(FLIPS), count, -1)
+    return torch.nn.functional.normalize(embeddings.mean(dim=0), dim=-1)
 
 
 def _describer_folder(folder: Path) -> Path:
