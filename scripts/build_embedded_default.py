@@ -78,7 +78,7 @@ def build_regions(source: Path, work: Path, name: str, *extra: str) -> Path:
 # Run 3 added --loose: better on click disks over defects, worse on clean surface, so not shipped.
 DESCRIBER_RECIPE = ["--image-size", "160", "--batch-size", "32", "--warmup-steps", "20", "--lr", "5e-4",
                     "--alpha-lr", "3e-3", "--lora-r", "16", "--lora-alpha", "16", "--balance-objects", "0.75",
-                    "--mixed", "--surround", "0.5"]
+                    "--mixed", "--mixed-copies", "2", "--surround", "0.5"]
 
 
 def train_describer(datasets: list[Path], work: Path, steps: int) -> Path:
