@@ -255,9 +255,9 @@ def test_each_mixed_copy_adds_regions_of_other_types(region_dataset):
     defect_regions = sum(len(r.masks) for r in iter_region_records(region_dataset, "train"))
     counts = [len(load_region_views(region_dataset, "train", describer.region_inputs, mixed=copies).region_image)
               for copies in (0, 1, 2)]
-    assert counts[0] == defect_regions
+    assert counts[0] == defect_regions, counts
     # every mixed copy repeats its image's own regions and adds at least one blended region of another type
-    assert counts[1] >= 2 * defect_regions and counts[2] - counts[1] >= counts[1] - counts[0] - 2
+    assert counts[1] >= 2 * defect_regions and counts[2] - counts[1] >= counts[1] - counts[0] - 2, counts
 
 
 def test_thirty_step_run_lowers_the_loss_and_reloads_to_identical_outputs(region_dataset, tmp_path):
