@@ -80,9 +80,14 @@ def tiny_only(served):
 
 def upload(page, path):
     """Upload as a user does: a file already there is removed first (its ✕), then the new one is chosen."""
+    from playwright.sync_api import expect
+
     clear = page.locator("#upload button[aria-label=Clear]")
     if clear.count():
         clear.click()
+        # as a user sees the old file go before choosing the next: on a loaded machine the clear could
+        # otherwise still be on its way when the new file is chosen
+        expect(clear).to_have_count(0, timeout=WAIT_MS)
     page.locator("#upload input[type=file]").set_input_files(str(path), timeout=WAIT_MS)
 
 
