@@ -375,7 +375,7 @@ class MixAugmenter:
 
 def load_region_views(source: str | Path, split: str, region_inputs, no_defect: dict[str, str] | None = None,
                       normal_per_image: int = 1, max_normal_images: int | None = None, seed: int = 0,
-                      revision: str | None = None, mixed: bool | int = False, surround: float = 0.0,
+                      revision: str | None = None, mixed: int = 0, surround: float = 0.0,
                       loose: bool = False, placement: str = "anchored") -> RegionTable:
     """Every region of a split as the describer sees it: one view (crop and mask coverage) per region.
 
@@ -385,10 +385,10 @@ def load_region_views(source: str | Path, split: str, region_inputs, no_defect: 
     captioned as that object's no-defect caption; images without defects (datasets built with
     --include-normal) give them too, at most `max_normal_images` such images (default: as many as the
     defective images read before them, so defect-free images never outnumber defective ones; a build
-    lists defective images first). `mixed` adds, per image, a mixed-type copy (MixAugmenter.mixed) with
-    all its regions and a normal one (`placement`: where blended regions land), or that many copies,
-    each with other donors, when it is a number; `surround` is the probability that an image is seen inside a
-    mosaic of others (MixAugmenter.surround). `loose` adds, per defect region, a loosely drawn copy
+    lists defective images first). `mixed` adds, per image, that many mixed-type copies
+    (MixAugmenter.mixed, each with its own donors) with all its regions and a normal one (`placement`:
+    where blended regions land); `surround` is the probability that an image is seen inside a mosaic of
+    others (MixAugmenter.surround). `loose` adds, per defect region, a loosely drawn copy
     with the same caption (`loose_region`: a click disk on it, or the mask grown), as the app's
     regions are.
     """
@@ -405,7 +405,7 @@ def load_region_views(source: str | Path, split: str, region_inputs, no_defect: 
         good_images += int(is_good and with_normals)
         images = [(record.image, list(record.masks), list(zip(record.captions, record.defects)))]
         if mixed and (not is_good or with_normals):
-            extras = (augmenter.mixed(record) for _ in range(int(mixed)))
+            extras = (augmenter.mixed(record) for _ in range(mixed))
             images.extend(extra for extra in extras if extra is not None)
         augmenter.add(record)
         for image, masks, labels in images:
