@@ -299,7 +299,8 @@ class Crash(RuntimeError):
 def test_resumed_run_matches_an_uninterrupted_one(region_dataset, tmp_path, monkeypatch):
     import train.common as loop  # the one training loop checkpoints through it
 
-    whole = train_main(tiny_run_args(region_dataset, tmp_path / "whole", 6))
+    augmented = ("--photometric", "0.3", "--rot90-prob", "0.5")  # drawn per step, so a resumed run sees the same
+    whole = train_main(tiny_run_args(region_dataset, tmp_path / "whole", 6, *augmented))
 
     real_checkpoint = loop.maybe_checkpoint
 
@@ -310,9 +311,10 @@ def test_resumed_run_matches_an_uninterrupted_one(region_dataset, tmp_path, monk
 
     monkeypatch.setattr(loop, "maybe_checkpoint", checkpoint_then_crash)
     with pytest.raises(Crash):
-        train_main(tiny_run_args(region_dataset, tmp_path / "split", 6, "--checkpointing-steps", "3"))
+        train_main(tiny_run_args(region_dataset, tmp_path / "split", 6, *augmented, "--checkpointing-steps", "3"))
     monkeypatch.setattr(loop, "maybe_checkpoint", real_checkpoint)
-    resumed = train_main(tiny_run_args(region_dataset, tmp_path / "split", 6, "--checkpointing-steps", "3", "--resume", "latest"))
+    resumed = train_main(tiny_run_args(region_dataset, tmp_path / "split", 6, *augmented, "--checkpointing-steps", "3",
+                                       "--resume", "latest"))
     assert resumed["losses"] == pytest.approx(whole["losses"][3:], rel=1e-5)
     images, masks = images_and_masks((48, 48), count=2, seed=2)
     assert torch.allclose(resumed["describer"].embed_regions(images, masks), whole["describer"].embed_regions(images, masks), atol=1e-6)

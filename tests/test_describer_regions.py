@@ -252,3 +252,50 @@ def test_loose_regions_cover_the_defect_they_copy():
         loose = loose_region(mask, rng)
         assert (loose & mask).any()  # a click disk on it, or the mask grown: never off the defect
         assert loose.sum() >= min(mask.sum(), np.pi * 8**2 * 0.9)
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+
+def test_quarter_turns_move_image_and_mask_together():
+    from train.alphaclip_lora import random_quarter_turns
+
+    pixels, alpha = torch.zeros(6, 3, 8, 8), torch.zeros(6, 1, 8, 8)
+    pixels[:, :, 1, 6] = 1.0  # a defect pixel near the top right corner, marked in both
+    alpha[:, :, 1, 6] = 1.0
+    turned, turned_alpha = random_quarter_turns(pixels, alpha, 1.0, torch.Generator().manual_seed(3))
+    for view, mask in zip(turned, turned_alpha):
+        spot = torch.nonzero(mask[0]).tolist()
+        assert spot in ([[1, 1]], [[6, 6]])  # a quarter turn either way, never left in place
+        assert torch.nonzero(view[0]).tolist() == spot
+    unturned, _ = random_quarter_turns(pixels, alpha, 0.0, torch.Generator().manual_seed(3))
+    assert torch.equal(unturned, pixels)
+
+
+def test_quarter_turns_refuse_views_that_are_not_square():
+    from train.alphaclip_lora import random_quarter_turns
+
+    with pytest.raises(SystemExit, match="square"):
+        random_quarter_turns(torch.zeros(2, 3, 8, 10), torch.zeros(2, 1, 8, 10), 0.5, torch.Generator())
+
+
+def test_photometric_jitter_changes_contrast_and_brightness_within_range():
+    from train.alphaclip_lora import random_photometric
+
+    views = torch.linspace(0.3, 0.7, 16).repeat(32, 3, 16, 1)  # 32 views of one gentle ramp
+    changed = random_photometric(views, 0.3, torch.Generator().manual_seed(0))
+    assert changed.min() >= 0.0 and changed.max() <= 1.0
+    spread = changed.amax(dim=(1, 2, 3)) - changed.amin(dim=(1, 2, 3))
+    assert 0.4 * 0.7 - 1e-6 <= spread.min() and spread.max() <= 0.4 * 1.3 + 1e-6
+    assert spread.max() - spread.min() > 0.1  # the views differ from each other
+    shift = changed.mean(dim=(1, 2, 3)) - 0.5
+    assert shift.abs().max() <= 0.15 + 1e-6 and shift.abs().max() > 0.05
+    assert torch.equal(random_photometric(views, 0.0, torch.Generator()), views)
+
+
+def test_augmentation_settings_out_of_range_are_refused(tmp_path):
+    from train.alphaclip_lora import parse_args
+
+    for flag, value in (("--photometric", "1.5"), ("--rot90-prob", "2")):
+        with pytest.raises(SystemExit, match=flag):
+            parse_args(["--dataset", str(tmp_path), "--output-dir", str(tmp_path / "out"), flag, value])

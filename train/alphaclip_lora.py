@@ -76,6 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="supervised contrastive temperature; also used for the saved model's probabilities")
     parser.add_argument("--flip-prob", type=float, default=0.5,
                         help="probability of each of the horizontal and vertical flips (image and mask together)")
+    parser.add_argument("--rot90-prob", type=float, default=0.0,
+                        help="probability of a quarter turn (either way) of image and mask together; defects have no "
+                             "orientation of their own, and a few training regions of a type show only one")
+    parser.add_argument("--photometric", type=float, default=0.0,
+                        help="strength J of a random per-view contrast gain in [1 - J, 1 + J] about the view's mean and "
+                             "brightness shift in [-J/2, J/2] (pixels in [0, 1]): faint or washed-out regions and bright "
+                             "parts are seen in training; 0 leaves the pixels as they are")
     parser.add_argument("--view", choices=VIEWS, default="crop",
                         help="what the tower sees of a region: 'crop' (a square crop around it with context, see "
                              "defectclip.alphaclip.view) or 'whole' (the whole image, the original recipe)")
@@ -125,8 +132,10 @@ def check_args(args: argparse.Namespace) -> None:
     common.check_common_args(args)
     if args.lora_r < 1 or args.lora_alpha < 1:
         raise SystemExit("--lora-r and --lora-alpha must be at least 1")
-    if not 0.0 <= args.lora_dropout < 1.0 or not 0.0 <= args.flip_prob <= 1.0:
-        raise SystemExit("--lora-dropout must be in [0, 1) and --flip-prob in [0, 1]")
+    if not 0.0 <= args.lora_dropout < 1.0 or not 0.0 <= args.flip_prob <= 1.0 or not 0.0 <= args.rot90_prob <= 1.0:
+        raise SystemExit("--lora-dropout must be in [0, 1), --flip-prob and --rot90-prob in [0, 1]")
+    if not 0.0 <= args.photometric < 1.0:
+        raise SystemExit("--photometric must be in [0, 1): it is the largest relative change of contrast")
     if args.temperature <= 0:
         raise SystemExit("--temperature must be positive")
     if args.image_size is not None and args.image_size < 16:
@@ -283,13 +292,49 @@ def random_flips(pixels: torch.Tensor, alpha: torch.Tensor, probability: float, 
     return pixels, alpha
 
 
+def random_quarter_turns(pixels: torch.Tensor, alpha: torch.Tensor, probability: float,
+                         generator: torch.Generator):
+    """Turn each chosen sample by 90 degrees, clockwise or not at random, image and alpha map together."""
+    if probability == 0.0:
+        return pixels, alpha
+    if pixels.shape[-1] != pixels.shape[-2]:
+        raise SystemExit(f"--rot90-prob needs square views; this tower's input is {tuple(pixels.shape[-2:])}.")
+    count = pixels.shape[0]
+    chosen = torch.rand(count, generator=generator) < probability
+    clockwise = torch.rand(count, generator=generator) < 0.5
+    pixels, alpha = pixels.clone(), alpha.clone()
+    for index in torch.nonzero(chosen).flatten().tolist():
+        turns = -1 if clockwise[index] else 1
+        pixels[index] = torch.rot90(pixels[index], turns, dims=(-2, -1))
+        alpha[index] = torch.rot90(alpha[index], turns, dims=(-2, -1))
+    return pixels, alpha
+
+
+def random_photometric(views: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """[0, 1] views with a random contrast gain about each view's mean and a brightness shift, clipped to [0, 1]."""
+    if strength == 0.0:
+        return views
+    count = views.shape[0]
+    gain = 1.0 + strength * (2.0 * torch.rand(count, generator=generator) - 1.0)
+    shift = strength * (torch.rand(count, generator=generator) - 0.5)
+    mean = views.mean(dim=(1, 2, 3), keepdim=True)
+    changed = (views - mean) * gain[:, None, None, None] + mean + shift[:, None, None, None]
+    return changed.clamp(0.0, 1.0)
+
+
 def batch_inputs(batch, describer: AlphaDescriber, args, step: int):
-    """uint8 images and coverage masks -> normalised pixels and alpha maps, flipped."""
+    """uint8 images and coverage masks -> normalised pixels and alpha maps, augmented.
+
+    The augmentations draw from a generator seeded by the step number, so a resumed run sees exactly
+    the ones an uninterrupted run would.
+    """
     images, coverage, labels = batch
-    pixels = normalize(images.float() / 255.0, describer.image.preprocess)
-    alpha = ((coverage.float() / 255.0)[:, None] - ALPHA_MEAN) / ALPHA_STD
     generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    views = random_photometric(images.float() / 255.0, args.photometric, generator)
+    pixels = normalize(views, describer.image.preprocess)
+    alpha = ((coverage.float() / 255.0)[:, None] - ALPHA_MEAN) / ALPHA_STD
     pixels, alpha = random_flips(pixels, alpha, args.flip_prob, generator)
+    pixels, alpha = random_quarter_turns(pixels, alpha, args.rot90_prob, generator)
     return pixels, alpha, labels
 
 
@@ -338,7 +383,7 @@ def region_loss(batch, step: int, describer: AlphaDescriber, image_tower, captio
 def training_record(args: argparse.Namespace) -> dict:
     """The recipe, saved in describer_config.json so a model folder says how it was made."""
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
-            "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "lora_targets", "seed", "mixed_precision",
+            "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "rot90_prob", "photometric", "lora_targets", "seed", "mixed_precision",
             "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "mixed_copies", "mixed_placement",
             "surround", "loose", "flip_average")
     return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
