@@ -9,8 +9,8 @@ scores the upload, and a click selects the predicted region under (or near) it, 
 (`demo.handlers.describe_point`). Here every held-out image of the split is scored as an upload, and each of its
 regions is clicked at its pixel nearest the region's centroid (the point `scripts/make_examples.py` uses), and
 each image once at its clean point (farthest from every defect and the border). Reported: top-1 per defect
-type and over all regions, how many defect clicks were answered "no defect", and the clean clicks answered
-"no defect". `--inference exact` scores with the exact float32 path (a GPU's, or a CPU without AMX).
+type and over all regions, how many defect clicks were answered "no defect", the clean clicks answered
+"no defect", and the defect clicks split by what the click selected (a predicted region or a disk). `--inference exact` scores with the exact float32 path (a GPU's, or a CPU without AMX).
 """
 
 from __future__ import annotations
@@ -48,15 +48,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def top_answer(pipeline, session, xy) -> str:
+def top_answer(pipeline, session, xy) -> tuple[str, str]:
+    """The app's top caption at a click, and what the click selected: a predicted region or a disk."""
+    from defectclip.regions_ui import region_from_click
     from demo import handlers
 
     _view, ranked = handlers.describe_point(pipeline, session, *xy)
-    return max(ranked, key=ranked.get)
+    _region, index = region_from_click(pipeline.regions(session.result, session.threshold), session.image.shape[:2], *xy)
+    return max(ranked, key=ranked.get), "disk" if index is None else "predicted_region"
 
 
-def click_image(pipeline, model: str, image: np.ndarray, points: list[tuple[int, int]]) -> list[str]:
-    """The app's top caption at each point of one uploaded image."""
+def click_image(pipeline, model: str, image: np.ndarray, points: list[tuple[int, int]]) -> list[tuple[str, str]]:
+    """The app's (top caption, selection) at each point of one uploaded image."""
     from PIL import Image
 
     from demo import handlers
@@ -80,16 +83,19 @@ def main(argv=None) -> dict:
     if args.inference == "exact":
         pipeline.model(model).scorer.inference = "exact"
     right, total, said_none = Counter(), Counter(), Counter()
+    selection_right, selection_total = Counter(), Counter()
     clean_right = clean_total = 0
     for record in iter_region_records(args.regions, args.split, include_normal=True):
         image = to_uint8(record)
         defects = record.masks.any(axis=0) if len(record.masks) else np.zeros(image.shape[:2], bool)
         points = [point_on(mask) for mask in record.masks] + [clean_point(defects)]
-        *defect_answers, clean_answer = click_image(pipeline, model, image, points)
-        for defect, caption, answer in zip(record.defects, record.captions, defect_answers):
+        *defect_answers, (clean_answer, _) = click_image(pipeline, model, image, points)
+        for defect, caption, (answer, selection) in zip(record.defects, record.captions, defect_answers):
             total[defect] += 1
             right[defect] += answer == caption
             said_none[defect] += answer.startswith(NO_DEFECT)
+            selection_total[selection] += 1
+            selection_right[selection] += answer == caption
         clean_right += clean_answer.startswith(NO_DEFECT)
         clean_total += 1
     regions = sum(total.values())
@@ -101,6 +107,7 @@ def main(argv=None) -> dict:
         "defect_click_answered_no_defect": round(sum(said_none.values()) / regions, 4),
         "clean_click_no_defect": round(clean_right / clean_total, 4),
         "by_type": {t: {"right": right[t], "no_defect": said_none[t], "regions": total[t]} for t in sorted(total)},
+        "by_selection": {k: {"right": selection_right[k], "regions": selection_total[k]} for k in sorted(selection_total)},
         "counts": {"images": clean_total, "regions": regions},
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine(),
