@@ -34,6 +34,7 @@ from make_examples import clean_point, point_on, to_uint8  # noqa: E402  (the ex
 from defectclip.captions import NO_DEFECT  # noqa: E402
 from defectclip.region_dataset import iter_region_records  # noqa: E402
 from eval_describer import machine  # noqa: E402
+from machine import write_result  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,10 +115,7 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result), flush=True)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.output)
+        write_result(args.output, result)
     return result
 
 

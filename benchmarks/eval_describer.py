@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model
+from machine import cpu_model, write_result
 
 from defectclip.alphaclip import AlphaDescriber
 from defectclip.data.regions import clear_area
@@ -329,10 +329,7 @@ def main(argv=None) -> dict:
               "seconds": round(time.perf_counter() - started, 1), "machine": machine()}
     print(json.dumps({k: v for k, v in result.items() if k != "by_object"}), flush=True)
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.output)
+        write_result(args.output, result)
     return result
 
 
