@@ -6,7 +6,7 @@ Usage:
 
 `eval_describer.py` hands the describer each region's true mask. A user of the app has no mask: the app
 scores the upload, and a click selects the predicted region under (or near) it, else a disk around it
-(`demo.handlers.describe_point`). Here every held-out image of the split is scored as an upload, each of
+(`InspectionPipeline.describe_click`). Here every held-out image of the split is scored as an upload, each of
 its regions is clicked at its pixel nearest the region's centroid (the point `scripts/make_examples.py`
 uses), and each image once at its clean point (farthest from every defect and the border). Reported: top-1
 per defect type and over all regions, the defect clicks answered "no defect", the clean clicks answered
@@ -51,13 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def top_answer(pipeline, session, xy) -> tuple[str, str]:
-    """The app's top caption at a click, and what the click selected: a predicted region or a disk."""
-    from defectclip.regions_ui import region_from_click
-    from demo import handlers
+    """The app's top caption at a click, and what the click selected: a predicted region or a disk.
 
-    _view, ranked = handlers.describe_point(pipeline, session, *xy)
-    _region, index = region_from_click(pipeline.regions(session.result, session.threshold), session.image.shape[:2], *xy)
-    return max(ranked, key=ranked.get), "disk" if index is None else "predicted_region"
+    The pipeline call the app's click handler makes (`demo.handlers.describe_point`), without its drawing.
+    """
+    _region, index, ranked = pipeline.describe_click(session.image, session.result, *xy, session.object_name,
+                                                     session.threshold)
+    return ranked[0][0], "disk" if index is None else "predicted_region"
 
 
 def click_image(pipeline, model: str, image: np.ndarray, points: list[tuple[int, int]]) -> list[tuple[str, str]]:

@@ -300,14 +300,14 @@ def random_quarter_turns(pixels: torch.Tensor, alpha: torch.Tensor, probability:
     if pixels.shape[-1] != pixels.shape[-2]:
         raise SystemExit(f"--rot90-prob needs square views; this tower's input is {tuple(pixels.shape[-2:])}.")
     count = pixels.shape[0]
-    chosen = torch.rand(count, generator=generator) < probability
-    clockwise = torch.rand(count, generator=generator) < 0.5
-    pixels, alpha = pixels.clone(), alpha.clone()
-    for index in torch.nonzero(chosen).flatten().tolist():
-        turns = -1 if clockwise[index] else 1
-        pixels[index] = torch.rot90(pixels[index], turns, dims=(-2, -1))
-        alpha[index] = torch.rot90(alpha[index], turns, dims=(-2, -1))
-    return pixels, alpha
+    chosen = (torch.rand(count, generator=generator) < probability).to(pixels.device)[:, None, None, None]
+    clockwise = (torch.rand(count, generator=generator) < 0.5).to(pixels.device)[:, None, None, None]
+
+    def turned(batch: torch.Tensor) -> torch.Tensor:
+        quarter = torch.where(clockwise, torch.rot90(batch, -1, dims=(-2, -1)), torch.rot90(batch, 1, dims=(-2, -1)))
+        return torch.where(chosen, quarter, batch)
+
+    return turned(pixels), turned(alpha)
 
 
 def random_photometric(views: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
