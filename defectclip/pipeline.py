@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .artifacts import Artifact
+from .captions import NO_DEFECT
 from .errors import DefectclipError
 from .io import read_json, write_json_atomic
 from .regions_ui import predicted_regions, region_from_click
@@ -322,18 +323,28 @@ class InspectionPipeline(Artifact):
             raise PipelineError("No region describer is installed.")
         return self.describer.candidates_for(object_name)
 
-    def describe(self, image: np.ndarray, region: np.ndarray, object_name: str) -> list[tuple[str, float]]:
-        """The object's candidate captions ranked for `region` of `image`, with probabilities."""
+    def describe(self, image: np.ndarray, region: np.ndarray, object_name: str,
+                 flagged: bool = False) -> list[tuple[str, float]]:
+        """The object's candidate captions ranked for `region` of `image`, with probabilities.
+
+        `flagged`: the scorer has flagged the region (a predicted region), so the question left is which
+        defect it is: only the object's defect captions are ranked (the probabilities renormalised over
+        them). The describer alone reads a scorer's blob as "no defect" far too often (its outline is
+        wider than any training mask), which would contradict the heatmap drawn around it.
+        """
         candidates = self.candidates(object_name)
+        if flagged:
+            candidates = [c for c in candidates if not c.startswith(NO_DEFECT)] or candidates
         with self._lock:
             return self.describer.describe(_check_rgb(image), np.asarray(region, bool), candidates)
 
     def describe_click(self, image: np.ndarray, result: AnomalyResult, x: int, y: int, object_name: str,
                        threshold: float | None = None, top: int = 3):
-        """The region a click selects, its index among the predicted regions, and its top captions."""
+        """The region a click selects, its index among the predicted regions (None: a disk around a click
+        away from them, where "no defect" is a possible answer), and its top captions."""
         regions = self.regions(result, threshold)
         region, index = region_from_click(regions, image.shape[:2], x, y)
-        return region, index, self.describe(image, region, object_name)[:top]
+        return region, index, self.describe(image, region, object_name, flagged=index is not None)[:top]
 
 
 def run_at_low_priority(fn, *args, **kwargs):

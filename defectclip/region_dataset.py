@@ -24,7 +24,7 @@ import torch
 
 from .data import DataError
 from .data.images import image_to_tensor
-from .data.regions import bounding_box, crop_to_box, disk_shape, sample_normal_regions
+from .data.regions import bounding_box, crop_to_box, disk_shape, place_normal_region, sample_normal_regions
 from .data.transforms import Preprocess, resize
 from .data.transplant import RegionAnchor, region_anchor
 from .captions import caption
@@ -298,6 +298,14 @@ def loose_region(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask) <= grow
 
 
+def normal_twins(defects: np.ndarray, regions: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """For each region, the same outline placed on the image's normal surface away from every defect (`defects`:
+    N x H x W); a region whose outline fits nowhere clear has no twin."""
+    union = np.asarray(defects, bool).any(axis=0)
+    placed = (place_normal_region(union, crop_to_box(region), rng) for region in regions)
+    return [twin for twin in placed if twin is not None]
+
+
 class MixAugmenter:
     """Training images the test sets also hold, made from the training split only.
 
@@ -376,7 +384,7 @@ class MixAugmenter:
 def load_region_views(source: str | Path, split: str, region_inputs, no_defect: dict[str, str] | None = None,
                       normal_per_image: int = 1, max_normal_images: int | None = None, seed: int = 0,
                       revision: str | None = None, mixed: int = 0, surround: float = 0.0,
-                      loose: bool = False, placement: str = "anchored") -> RegionTable:
+                      loose: bool = False, placement: str = "anchored", loose_twins: bool = False) -> RegionTable:
     """Every region of a split as the describer sees it: one view (crop and mask coverage) per region.
 
     `region_inputs(images, masks)` is the describer's own view function, so training sees exactly what
@@ -390,7 +398,9 @@ def load_region_views(source: str | Path, split: str, region_inputs, no_defect: 
     where blended regions land); `surround` is the probability that an image is seen inside a mosaic of
     others (MixAugmenter.surround). `loose` adds, per defect region, a loosely drawn copy
     with the same caption (`loose_region`: a click disk on it, or the mask grown), as the app's
-    regions are.
+    regions are. `loose_twins` gives each loose copy a normal twin of the same outline elsewhere on the
+    same image (with `no_defect`): otherwise a click disk is almost always a defect in training, and a click
+    on clean surface is read as one by its outline alone.
     """
     table = _ViewTable()
     bank, augmenter = ShapeBank(seed=seed), MixAugmenter(seed, placement)
@@ -409,12 +419,13 @@ def load_region_views(source: str | Path, split: str, region_inputs, no_defect: 
             images.extend(extra for extra in extras if extra is not None)
         augmenter.add(record)
         for image, masks, labels in images:
-            if loose and masks:
-                extra = [loose_region(mask, augmenter.rng) for mask in masks[: len(labels)]]
-                masks, labels = masks + extra, labels + labels[: len(extra)]
+            loose_copies = [loose_region(mask, augmenter.rng) for mask in masks[: len(labels)]] if loose else []
+            masks, labels = masks + loose_copies, labels + labels[: len(loose_copies)]
             if with_normals:
                 defects = np.stack(masks) if masks else np.zeros((0, *image.shape[-2:]), bool)
                 normals = bank.normal_regions(RegionRecord(image, record.object, defects, [], []), normal_per_image)
+                if loose_twins:
+                    normals += normal_twins(defects, loose_copies, augmenter.rng)
                 masks, labels = masks + normals, labels + [(normal_caption, "good")] * len(normals)
             if not masks:
                 continue

@@ -300,17 +300,18 @@ def describe_point(pipeline: InspectionPipeline, session: Session, x: float, y: 
     return view, {caption: probability for caption, probability in ranked}
 
 
-TABLE_HEADERS = ["#", "area (px)", "centre (x, y)", "most likely", "probability"]
+TABLE_HEADERS = ["#", "area (px)", "centre (x, y)", "most likely defect", "probability"]
 
 
 def describe_all(pipeline: InspectionPipeline, session: Session) -> list[list]:
-    """One row per predicted region: number, area, centre, best caption and its probability."""
+    """One row per predicted region: number, area, centre, its most likely defect and that probability (the
+    scorer flagged every one, so "no defect" is not among the answers; see InspectionPipeline.describe)."""
     _require_result(session)
     if not pipeline.can_describe:
         raise PipelineError("No region describer is installed, so regions cannot be described.")
     rows = []
     for number, region in enumerate(pipeline.regions(session.result, session.threshold)[:MAX_REGIONS], start=1):
-        caption, probability = pipeline.describe(session.image, region, session.object_name)[0]
+        caption, probability = pipeline.describe(session.image, region, session.object_name, flagged=True)[0]
         ys, xs = np.nonzero(region)
         rows.append([number, int(region.sum()), f"({int(xs.mean())}, {int(ys.mean())})", caption,
                      f"{probability:.0%}"])

@@ -32,13 +32,13 @@ def fitted(scorer, rng):
     return scorer
 
 
-def build_pipeline() -> InspectionPipeline:
+def build_pipeline(candidates: list[str] = CANDIDATES) -> InspectionPipeline:
     from defectclip.alphaclip import AlphaDescriber
 
     rng = np.random.default_rng(0)
     patchcore = fitted(PatchCore("tiny:cnn", image_size=64, coreset_ratio=0.5, device="cpu"), rng)
     padim = fitted(PaDiM("tiny:cnn", image_size=64, device="cpu"), np.random.default_rng(1))
-    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=64, candidates={OBJECT: CANDIDATES})
+    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=64, candidates={OBJECT: list(candidates)})
     models = {PATCHCORE: InspectionModel(PATCHCORE, OBJECT, "patchcore", patchcore),
               PADIM: InspectionModel(PADIM, OBJECT, "padim", padim)}
     return InspectionPipeline(models, describer.eval(), few_shot_tower="tiny:cnn", few_shot_image_size=64)

@@ -14,7 +14,7 @@ from defectclip.results import AnomalyResult
 from demo import handlers, render
 from demo.render import UploadError, read_upload
 
-from app_fixtures import CANDIDATES, OBJECT, PADIM, PATCHCORE, defective, pipeline  # noqa: F401  (pytest fixture)
+from app_fixtures import CANDIDATES, OBJECT, PADIM, PATCHCORE, build_pipeline, defective, pipeline  # noqa: F401  (pytest fixture)
 
 
 @pytest.fixture
@@ -54,6 +54,27 @@ def test_click_inside_the_defect_describes_that_region(pipeline, defect_png):
     rows = handlers.describe_all(pipeline, session)
     assert len(rows) == len(session.regions) and rows[0][3] in CANDIDATES
     assert rows[0][4].endswith("%") and 0 <= int(rows[0][4][:-1]) <= 100
+
+
+def test_a_flagged_region_is_named_as_a_defect_and_clean_surface_may_read_no_defect(defect_png):
+    from defectclip.captions import no_defect_caption
+    from defectclip.regions_ui import CLICK_SNAP_PX, distance_to_region
+
+    candidates = CANDIDATES + [no_defect_caption(OBJECT)]
+    pipeline = build_pipeline(candidates)
+    session = handlers.Session()
+    handlers.score_upload(pipeline, session, defect_png, PATCHCORE)
+    image, result, threshold = session.image, session.result, session.threshold
+    region, index, flagged = pipeline.describe_click(image, result, 32, 27, OBJECT, threshold, top=10)
+    assert index is not None and {caption for caption, _ in flagged} == set(CANDIDATES)
+    every = dict(pipeline.describe(image, region, OBJECT))  # the describer's own answer, "no defect" included
+    kept = sum(every[c] for c in CANDIDATES)
+    assert all(p == pytest.approx(every[c] / kept, abs=1e-5) for c, p in flagged)  # renormalised, same order
+    clean = next((x, y) for y in range(63, 0, -4) for x in range(0, 64, 4)
+                 if all(distance_to_region(r, x, y) > CLICK_SNAP_PX for r in session.regions))
+    _, index, answers = pipeline.describe_click(image, result, *clean, OBJECT, threshold, top=10)
+    assert index is None and {caption for caption, _ in answers} == set(candidates)
+    assert all(row[3] in CANDIDATES for row in handlers.describe_all(pipeline, session))
 
 
 def test_a_new_upload_replaces_every_result_of_the_previous_image(pipeline, defect_png, normal_png):

@@ -254,6 +254,31 @@ def test_loose_regions_cover_the_defect_they_copy():
         assert loose.sum() >= min(mask.sum(), np.pi * 8**2 * 0.9)
 
 
+def test_each_loose_copy_gets_a_normal_twin_of_its_outline_on_clean_surface():
+    from defectclip.data.regions import crop_to_box
+    from defectclip.region_dataset import loose_region, normal_twins
+
+    defects = np.zeros((1, 240, 240), bool)  # room enough for a twin of every copy
+    defects[0, 110:120, 110:130] = True
+    rng = np.random.default_rng(4)
+    copies = [loose_region(defects[0], rng) for _ in range(6)]
+    twins = normal_twins(np.concatenate([defects, np.stack(copies)]), copies, rng)
+    assert len(twins) == len(copies)
+    clear = clear_area(defects[0] | np.stack(copies).any(axis=0))
+    for copy, twin in zip(copies, twins):
+        assert np.array_equal(crop_to_box(twin), crop_to_box(copy))  # the same outline, elsewhere
+        assert clear[twin].all()  # on normal surface, away from the defect and every loose copy
+    crowded = np.ones((1, 240, 240), bool)
+    assert normal_twins(crowded, copies, rng) == []  # nowhere clear: no twin rather than one on a defect
+
+
+def test_loose_twins_need_loose_copies(tmp_path):
+    from train.alphaclip_lora import parse_args
+
+    with pytest.raises(SystemExit, match="--loose-twins"):
+        parse_args(["--dataset", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--loose-twins"])
+
+
 # ------------------------------------------------------------------------------------------- augmentation
 
 

@@ -113,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loose", action="store_true",
                         help="also train on a loosely drawn copy of each defect region (a click disk on it, or the "
                              "mask grown), as the app's clicks and predicted regions are")
+    parser.add_argument("--loose-twins", action="store_true",
+                        help="with --loose: each loose copy also gets a normal twin of the same outline elsewhere on "
+                             "its image, so an outline (a click disk) says nothing of defect or not")
     parser.add_argument("--loss", choices=LOSSES, default="candidates",
                         help="'candidates': cross-entropy over the region's own object's captions (what the app ranks); "
                              "'supcon': the paper's supervised contrastive loss over the batch's captions")
@@ -142,6 +145,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--image-size must be at least 16")
     if not 0.0 <= args.surround <= 1.0:
         raise SystemExit("--surround must be in [0, 1]")
+    if args.loose_twins and not (args.loose and args.normal_regions):
+        raise SystemExit("--loose-twins gives --loose copies normal twins: it needs --loose and --normal-regions > 0")
     if args.normal_regions < 0 or args.balance_objects < 0:
         raise SystemExit("--normal-regions and --balance-objects must be 0 or more")
     if args.mixed_copies < 1:
@@ -265,7 +270,8 @@ def load_training_table(describer: AlphaDescriber, args: argparse.Namespace, no_
         tables = [load_region_views(d, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
                                     args.max_normal_images, args.seed, args.dataset_revision,
                                     args.mixed_copies if args.mixed else 0,
-                                    args.surround, args.loose, args.mixed_placement) for d in args.dataset]
+                                    args.surround, args.loose, args.mixed_placement, args.loose_twins)
+                  for d in args.dataset]
     return tables[0] if len(tables) == 1 else concat_region_tables(tables)
 
 
@@ -385,7 +391,7 @@ def training_record(args: argparse.Namespace) -> dict:
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
             "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "rot90_prob", "photometric", "lora_targets", "seed", "mixed_precision",
             "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "mixed_copies", "mixed_placement",
-            "surround", "loose", "flip_average")
+            "surround", "loose", "loose_twins", "flip_average")
     return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key in keys}
 
