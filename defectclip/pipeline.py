@@ -329,8 +329,8 @@ class InspectionPipeline(Artifact):
 
         `flagged`: the scorer has flagged the region (a predicted region), so the question left is which
         defect it is: only the object's defect captions are ranked (the probabilities renormalised over
-        them). The describer alone reads a scorer's blob as "no defect" far too often (its outline is
-        wider than any training mask), which would contradict the heatmap drawn around it.
+        them). Asked with "no defect" among the answers, a describer may call a scorer's blob normal (the
+        one shipped in session 9 did for most of them, at > 0.99), contradicting the heatmap around it.
         """
         candidates = self.candidates(object_name)
         if flagged:
