@@ -288,6 +288,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--flip-average", choices=("model", "on", "off"), default="model",
                         help="embed each region as the mean over the four flips of its view ('on'), from one view "
                              "('off'), or as the model's config says ('model')")
+    parser.add_argument("--quarter-turn-average", choices=("model", "on", "off"), default="model",
+                        help="also average each view turned by 90 degrees ('on'), not ('off'), or as the model's "
+                             "config says ('model')")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--output", type=Path, default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -311,6 +314,8 @@ def main(argv=None) -> dict:
     describer = AlphaDescriber.from_pretrained(args.model).eval()
     if args.flip_average != "model":
         describer.config["flip_average"] = args.flip_average == "on"
+    if args.quarter_turn_average != "model":
+        describer.config["quarter_turn_average"] = args.quarter_turn_average == "on"
     by_object = {}
     for dataset in args.dataset:
         object_started = time.perf_counter()
@@ -324,6 +329,7 @@ def main(argv=None) -> dict:
     result = {"bench": "describer_regions", **summary(by_object), "by_object": by_object,
               "model": str(args.model), "split": args.split, "subset": args.limit is not None,
               "mixed_placement": args.placement, "flip_average": describer.flip_average,
+              "quarter_turn_average": describer.quarter_turn_average,
               "view": describer.config.get("view"), "image_size": list(describer.image.preprocess.size),
               "training_steps": training.get("max_steps"), "training": training,
               "seconds": round(time.perf_counter() - started, 1), "machine": machine()}

@@ -77,7 +77,7 @@ def test_describer_answer_depends_on_the_clicked_region():
 
 
 def test_flip_average_is_the_mean_of_the_four_flipped_views_and_ignores_a_mirror():
-    from defectclip.alphaclip.describer import flip_averaged_embeddings
+    from defectclip.alphaclip.describer import view_averaged_embeddings
 
     describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, view={"context": 2.0, "min_side": 16},
                                      flip_average=True)
@@ -91,10 +91,50 @@ def test_flip_average_is_the_mean_of_the_four_flipped_views_and_ignores_a_mirror
     averaged = describer.embed_regions(image[None], mask[None])
     assert torch.allclose(averaged, torch.nn.functional.normalize(by_hand, dim=-1), atol=1e-6)
     assert not torch.allclose(averaged, describer.image(pixels, alpha), atol=1e-4)  # not just the one view
-    mirrored = flip_averaged_embeddings(describer.image, pixels.flip(-1), alpha.flip(-1))
+    mirrored = view_averaged_embeddings(describer.image, pixels.flip(-1), alpha.flip(-1))
     assert torch.allclose(mirrored, averaged, atol=1e-5)  # a mirrored region gets the same answer
     describer.config["flip_average"] = False
     assert torch.allclose(describer.embed_regions(image[None], mask[None]), describer.image(pixels, alpha))
+
+
+def test_quarter_turn_average_takes_all_eight_symmetries_so_a_turned_region_reads_the_same():
+    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, view={"context": 2.0, "min_side": 16},
+                                     flip_average=True, quarter_turn_average=True)
+    generator = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 96, 96, generator=generator)
+    mask = torch.zeros(96, 96, dtype=torch.bool)
+    mask[20:34, 50:58] = True  # not square: its quarter turn is another outline
+    pixels, alpha = describer.prepare(image[None], mask[None])
+    views = []
+    for turns in range(4):
+        turned_pixels, turned_alpha = torch.rot90(pixels, turns, (-2, -1)), torch.rot90(alpha, turns, (-2, -1))
+        views += [describer.image(turned_pixels, turned_alpha), describer.image(turned_pixels.flip(-1), turned_alpha.flip(-1))]
+    by_hand = torch.nn.functional.normalize(torch.stack(views).mean(0), dim=-1)
+    averaged = describer.embed_regions(image[None], mask[None])
+    assert torch.allclose(averaged, by_hand, atol=1e-6)
+    # The same region in the image turned a quarter (and its mask with it) gets the same embedding.
+    turned = describer.embed_regions(torch.rot90(image, 1, (-2, -1))[None], torch.rot90(mask, 1, (-2, -1))[None])
+    assert torch.allclose(turned, averaged, atol=1e-5)
+    describer.config["quarter_turn_average"] = False  # the four flips alone do not see the turned view
+    assert not torch.allclose(describer.embed_regions(image[None], mask[None]), averaged, atol=1e-4)
+
+
+def test_quarter_turn_average_is_saved_and_needs_a_square_input(tmp_path):
+    import json
+
+    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, flip_average=True,
+                                     quarter_turn_average=True, candidates={"widget": ["a dent in the widget"]})
+    describer.save_pretrained(tmp_path / "d")
+    assert AlphaDescriber.from_pretrained(tmp_path / "d").quarter_turn_average
+    config_path = tmp_path / "d" / "describer_config.json"
+    config = json.loads(config_path.read_text())
+    config["preprocess"]["size"] = [32, 48]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(DefectclipError, match="quarter_turn_average.*square"):
+        AlphaDescriber.from_pretrained(tmp_path / "d")
+    del config["quarter_turn_average"]  # describers saved before it existed average the flips alone
+    config_path.write_text(json.dumps(config))
+    assert not AlphaDescriber.from_pretrained(tmp_path / "d").quarter_turn_average
 
 
 def test_flip_average_is_saved_and_checked(tmp_path):
@@ -297,6 +337,15 @@ def test_quarter_turns_move_image_and_mask_together():
     assert torch.equal(unturned, pixels)
 
 
+def test_quarter_turn_average_follows_whether_training_turns_views(tmp_path):
+    from train.alphaclip_lora import parse_args
+
+    base = ["--dataset", str(tmp_path), "--output-dir", str(tmp_path / "out")]
+    assert parse_args(base + ["--rot90-prob", "0.5"]).quarter_turn_average is True
+    assert parse_args(base).quarter_turn_average is False  # never trained on turned views
+    assert parse_args(base + ["--rot90-prob", "0.5", "--no-quarter-turn-average"]).quarter_turn_average is False
+
+
 def test_quarter_turns_refuse_views_that_are_not_square():
     from train.alphaclip_lora import random_quarter_turns
 
@@ -324,3 +373,30 @@ def test_augmentation_settings_out_of_range_are_refused(tmp_path):
     for flag, value in (("--photometric", "1.5"), ("--rot90-prob", "2")):
         with pytest.raises(SystemExit, match=flag):
             parse_args(["--dataset", str(tmp_path), "--output-dir", str(tmp_path / "out"), flag, value])
+
+
+def test_build_script_gives_a_reused_older_describer_the_quarter_turn_average_its_training_implies(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("build_embedded_default", root / "scripts" / "build_embedded_default.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for rot90_prob, expected in ((0.5, True), (0.0, False)):
+        folder = tmp_path / f"d{rot90_prob}"
+        AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, flip_average=True,
+                             candidates={"widget": ["a dent in the widget"]}).save_pretrained(folder)
+        config_path = folder / "describer_config.json"
+        config = json.loads(config_path.read_text())
+        del config["quarter_turn_average"]  # saved before the setting existed
+        config["training"] = {"rot90_prob": rot90_prob}
+        config_path.write_text(json.dumps(config))
+        build.settle_quarter_turn_average(folder)
+        assert AlphaDescriber.from_pretrained(folder).quarter_turn_average is expected
+    config = json.loads(config_path.read_text())
+    config["quarter_turn_average"] = True  # a describer that says it itself is left as it is
+    config_path.write_text(json.dumps(config))
+    build.settle_quarter_turn_average(folder)
+    assert AlphaDescriber.from_pretrained(folder).quarter_turn_average is True

@@ -104,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
                         help="the saved describer embeds a region as the mean over the four flips of its view "
                              "(training flips at random, so each is a view it knows); --no-flip-average: one view")
+    parser.add_argument("--quarter-turn-average", action=argparse.BooleanOptionalAction, default=None,
+                        help="the saved describer also averages each view turned by 90 degrees (default: on when "
+                             "--rot90-prob > 0, since training then shows such views)")
     parser.add_argument("--mixed-placement", choices=PLACEMENTS, default="anchored",
                         help="where --mixed puts a blended region: 'anchored' at the place it had in its own image "
                              "(on the same borders: a break stays on the edge), 'random' anywhere")
@@ -147,6 +150,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--surround must be in [0, 1]")
     if args.loose_twins and not (args.loose and args.normal_regions):
         raise SystemExit("--loose-twins gives --loose copies normal twins: it needs --loose and --normal-regions > 0")
+    if args.quarter_turn_average is None:  # by default: turned views are ones it knows when training turns them
+        args.quarter_turn_average = args.rot90_prob > 0
     if args.normal_regions < 0 or args.balance_objects < 0:
         raise SystemExit("--normal-regions and --balance-objects must be 0 or more")
     if args.mixed_copies < 1:
@@ -352,7 +357,8 @@ def build_describer(args: argparse.Namespace, candidates: dict[str, list[str]],
                     no_defect: dict[str, str] | None = None) -> AlphaDescriber:
     view = {"context": args.view_context, "min_side": args.view_min_side} if args.view == "crop" else None
     describer = AlphaDescriber.build(args.vision, args.text, args.image_size, args.seed, args.temperature, candidates,
-                                     view=view, no_defect=no_defect, flip_average=args.flip_average)
+                                     view=view, no_defect=no_defect, flip_average=args.flip_average,
+                                     quarter_turn_average=args.quarter_turn_average)
     describer.attach_adapter(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
     return describer
 
@@ -391,7 +397,7 @@ def training_record(args: argparse.Namespace) -> dict:
     keys = ("dataset", "train_split", "max_steps", "epochs", "batch_size", "gradient_accumulation_steps", "lr",
             "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "rot90_prob", "photometric", "lora_targets", "seed", "mixed_precision",
             "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "mixed_copies", "mixed_placement",
-            "surround", "loose", "loose_twins", "flip_average")
+            "surround", "loose", "loose_twins", "flip_average", "quarter_turn_average")
     return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
             for key, value in vars(args).items() if key in keys}
 

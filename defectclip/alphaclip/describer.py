@@ -59,14 +59,14 @@ class AlphaDescriber(Artifact, nn.Module):
     def build(cls, vision: str, text: str, image_size: int | None = None, seed: int = 0,
               temperature: float = DEFAULT_TEMPERATURE, candidates: dict[str, list[str]] | None = None,
               view: dict | None = None, no_defect: dict[str, str] | None = None,
-              flip_average: bool = False) -> "AlphaDescriber":
+              flip_average: bool = False, quarter_turn_average: bool = False) -> "AlphaDescriber":
         """A fresh, untuned describer: alpha conv zero, no adapter, projection initialised from `seed`.
 
         `view` ({"context": .., "min_side": ..}) makes it look at a crop around each region (see
         `view.region_view`); None keeps the whole-image view of describers saved before crops existed.
         `no_defect` names, per object, the candidate caption that means "no defect here".
-        `flip_average` makes a region's embedding the mean over the four flips of its view (see
-        `embed_regions`).
+        `flip_average` makes a region's embedding the mean over the four flips of its view, and
+        `quarter_turn_average` over each of those turned a quarter too (see `embed_regions`).
         """
         text_tower = build_text_tower(text)
         image_tower = build_alpha_tower(vision, text_tower.dim, image_size, projection_seed=seed)
@@ -75,7 +75,7 @@ class AlphaDescriber(Artifact, nn.Module):
             "preprocess": image_tower.preprocess.to_dict(), "projection_seed": seed,
             "temperature": temperature, "candidates": dict(candidates or {}), "merged": False, "lora": None,
             "view": dict(view) if view is not None else None, "no_defect": dict(no_defect or {}),
-            "flip_average": bool(flip_average),
+            "flip_average": bool(flip_average), "quarter_turn_average": bool(quarter_turn_average),
         }
         return cls(image_tower.eval(), text_tower.eval(), config)
 
@@ -118,6 +118,11 @@ class AlphaDescriber(Artifact, nn.Module):
         """Whether a region's embedding is the mean over the four flips of its view."""
         return bool(self.config.get("flip_average", False))
 
+    @property
+    def quarter_turn_average(self) -> bool:
+        """Whether a region's embedding also averages its view turned by 90 degrees (with each flip, if any)."""
+        return bool(self.config.get("quarter_turn_average", False))
+
     @torch.no_grad()
     def embed_regions(self, images: torch.Tensor, masks) -> torch.Tensor:
         """One embedding per (image, mask) pair; images N x 3 x H x W in [0, 1], masks N x H x W."""
@@ -126,9 +131,9 @@ class AlphaDescriber(Artifact, nn.Module):
         device = next(self.image.parameters()).device
         pixels, alpha = self.prepare(images.float(), masks)
         pixels, alpha = pixels.to(device), alpha.to(device)
-        if not self.flip_average:
+        if not (self.flip_average or self.quarter_turn_average):
             return self.image(pixels, alpha)
-        return flip_averaged_embeddings(self.image, pixels, alpha)
+        return view_averaged_embeddings(self.image, pixels, alpha, self.flip_average, self.quarter_turn_average)
 
     @torch.no_grad()
     def embed_captions(self, captions: Sequence[str]) -> torch.Tensor:
@@ -302,8 +307,13 @@ def check_describer_config(config: dict, folder: Path, root: str | Path | None,
         view.number("min_side", 1, MAX_MODEL_SIDE, integer=True)
         if set(config["view"]) != {"context", "min_side"}:
             schema.fail("must hold exactly 'context' and 'min_side'", "view")
-    if not isinstance(config.get("flip_average", False), bool):
-        schema.fail("must be true or false", "flip_average")
+    for key in ("flip_average", "quarter_turn_average"):
+        if not isinstance(config.get(key, False), bool):
+            schema.fail("must be true or false", key)
+    size = (config.get("preprocess") or {}).get("size")
+    if config.get("quarter_turn_average") and not (isinstance(size, list) and len(size) == 2 and size[0] == size[1]):
+        schema.fail(f"needs a square model input (a turned view must keep its shape), but preprocess.size is {size}",
+                    "quarter_turn_average")
     no_defect = config.get("no_defect") or {}
     if not isinstance(no_defect, dict) or not all(
         isinstance(name, str) and caption in candidates.get(name, ()) for name, caption in no_defect.items()
@@ -326,17 +336,24 @@ def check_describer_config(config: dict, folder: Path, root: str | Path | None,
 FLIPS = ((), (-1,), (-2,), (-2, -1))  # none, horizontal, vertical, both: the flips training draws
 
 
-def flip_averaged_embeddings(tower: nn.Module, pixels: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """The tower's embedding of each view averaged over its four flips, L2-normalised again.
+def view_averaged_embeddings(tower: nn.Module, pixels: torch.Tensor, alpha: torch.Tensor,
+                             flips: bool = True, quarter_turns: bool = False) -> torch.Tensor:
+    """The tower's embedding of each view averaged over its four flips (`flips`) and over the view and
+    its quarter turn (`quarter_turns`; with flips, all eight symmetries of the square), L2-normalised again.
 
-    Training shows every view flipped each way at random, so all four are views the describer knows;
-    their mean is steadier than any one (on the validation split it read mixed-type magnetic-tile
-    regions better: benchmarks/results/describer_regions.md, session 8).
+    Training shows every view flipped each way at random (and, with --rot90-prob, turned a quarter), so
+    these are all views the describer knows; their mean is steadier than any one. On the validation
+    split the four flips read mixed-type magnetic-tile regions better than one view, and the eight
+    better than the four (benchmarks/results/describer_regions.md, sessions 8 and 11).
     """
     count = len(pixels)
-    flipped_pixels = torch.cat([pixels.flip(dims) if dims else pixels for dims in FLIPS])
-    flipped_alpha = torch.cat([alpha.flip(dims) if dims else alpha for dims in FLIPS])
-    embeddings = tower(flipped_pixels, flipped_alpha).reshape(len(FLIPS), count, -1)
+    if quarter_turns:  # views are square (checked where training turns them); a turn keeps their shape
+        pixels = torch.cat([pixels, torch.rot90(pixels, 1, dims=(-2, -1))])
+        alpha = torch.cat([alpha, torch.rot90(alpha, 1, dims=(-2, -1))])
+    if flips:
+        pixels = torch.cat([pixels.flip(dims) if dims else pixels for dims in FLIPS])
+        alpha = torch.cat([alpha.flip(dims) if dims else alpha for dims in FLIPS])
+    embeddings = tower(pixels, alpha).reshape(len(pixels) // count, count, -1)
     return torch.nn.functional.normalize(embeddings.mean(dim=0), dim=-1)
 
 
