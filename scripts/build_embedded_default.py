@@ -92,18 +92,6 @@ def train_describer(datasets: list[Path], work: Path, steps: int) -> Path:
     return out
 
 
-def settle_quarter_turn_average(describer_dir: Path) -> None:
-    """A reused describer trained before `quarter_turn_average` existed gets train.alphaclip_lora's default
-    for it: on when its training turned views by a quarter (so turned views are ones it knows)."""
-    config_path = describer_dir / "describer_config.json"
-    config = json.loads(config_path.read_text())
-    if "quarter_turn_average" in config:
-        return
-    config["quarter_turn_average"] = config.get("training", {}).get("rot90_prob", 0) > 0
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    print(f"== describer: quarter_turn_average set to {config['quarter_turn_average']} (its training's rot90_prob)")
-
-
 def train_clip_ada(tile: Path, work: Path, steps: int) -> Path:
     out = work / "clip_ada"
     run("CLIP-ADA", ["-m", "train.clip_ada", "--data", str(tile), *OFFLINE, "--layer", "blocks.4",
@@ -200,7 +188,6 @@ def main(argv=None) -> int:
     patchcore = fit_patchcore(tile, trunk, staging / "scorers" / "magnetic_tile_patchcore",
                               args.patchcore_size, args.coreset_ratio)
     copy_artifact(describer / "model", staging / "describer")
-    settle_quarter_turn_average(staging / "describer")
     copy_artifact(clip_ada / "model", staging / "clip_ada")
     build = {"command": "python scripts/build_embedded_default.py " + " ".join(argv or sys.argv[1:]),
              "patchcore": patchcore, "size_mb": round(folder_mb(staging), 2)}

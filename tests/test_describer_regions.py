@@ -337,13 +337,14 @@ def test_quarter_turns_move_image_and_mask_together():
     assert torch.equal(unturned, pixels)
 
 
-def test_quarter_turn_average_follows_whether_training_turns_views(tmp_path):
+def test_quarter_turn_average_is_opt_in_and_needs_turned_training_views(tmp_path):
     from train.alphaclip_lora import parse_args
 
     base = ["--dataset", str(tmp_path), "--output-dir", str(tmp_path / "out")]
-    assert parse_args(base + ["--rot90-prob", "0.5"]).quarter_turn_average is True
-    assert parse_args(base).quarter_turn_average is False  # never trained on turned views
-    assert parse_args(base + ["--rot90-prob", "0.5", "--no-quarter-turn-average"]).quarter_turn_average is False
+    assert parse_args(base + ["--rot90-prob", "0.5"]).quarter_turn_average is False
+    assert parse_args(base + ["--rot90-prob", "0.5", "--quarter-turn-average"]).quarter_turn_average is True
+    with pytest.raises(SystemExit, match="--rot90-prob"):  # it would average views it never saw
+        parse_args(base + ["--quarter-turn-average"])
 
 
 def test_quarter_turns_refuse_views_that_are_not_square():
@@ -374,29 +375,3 @@ def test_augmentation_settings_out_of_range_are_refused(tmp_path):
         with pytest.raises(SystemExit, match=flag):
             parse_args(["--dataset", str(tmp_path), "--output-dir", str(tmp_path / "out"), flag, value])
 
-
-def test_build_script_gives_a_reused_older_describer_the_quarter_turn_average_its_training_implies(tmp_path):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("build_embedded_default", root / "scripts" / "build_embedded_default.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    for rot90_prob, expected in ((0.5, True), (0.0, False)):
-        folder = tmp_path / f"d{rot90_prob}"
-        AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, flip_average=True,
-                             candidates={"widget": ["a dent in the widget"]}).save_pretrained(folder)
-        config_path = folder / "describer_config.json"
-        config = json.loads(config_path.read_text())
-        del config["quarter_turn_average"]  # saved before the setting existed
-        config["training"] = {"rot90_prob": rot90_prob}
-        config_path.write_text(json.dumps(config))
-        build.settle_quarter_turn_average(folder)
-        assert AlphaDescriber.from_pretrained(folder).quarter_turn_average is expected
-    config = json.loads(config_path.read_text())
-    config["quarter_turn_average"] = True  # a describer that says it itself is left as it is
-    config_path.write_text(json.dumps(config))
-    build.settle_quarter_turn_average(folder)
-    assert AlphaDescriber.from_pretrained(folder).quarter_turn_average is True

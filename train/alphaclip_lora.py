@@ -104,9 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
                         help="the saved describer embeds a region as the mean over the four flips of its view "
                              "(training flips at random, so each is a view it knows); --no-flip-average: one view")
-    parser.add_argument("--quarter-turn-average", action=argparse.BooleanOptionalAction, default=None,
-                        help="the saved describer also averages each view turned by 90 degrees (default: on when "
-                             "--rot90-prob > 0, since training then shows such views)")
+    parser.add_argument("--quarter-turn-average", action=argparse.BooleanOptionalAction, default=False,
+                        help="the saved describer also averages each view turned by 90 degrees (all eight turns and "
+                             "mirrors with --flip-average; needs --rot90-prob > 0, so that turned views are ones it "
+                             "knows). Off by default: twice the tower passes per region for about one point")
     parser.add_argument("--mixed-placement", choices=PLACEMENTS, default="anchored",
                         help="where --mixed puts a blended region: 'anchored' at the place it had in its own image "
                              "(on the same borders: a break stays on the edge), 'random' anywhere")
@@ -150,8 +151,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--surround must be in [0, 1]")
     if args.loose_twins and not (args.loose and args.normal_regions):
         raise SystemExit("--loose-twins gives --loose copies normal twins: it needs --loose and --normal-regions > 0")
-    if args.quarter_turn_average is None:  # by default: turned views are ones it knows when training turns them
-        args.quarter_turn_average = args.rot90_prob > 0
+    if args.quarter_turn_average and args.rot90_prob == 0:
+        raise SystemExit("--quarter-turn-average averages views turned by 90 degrees: train on them with --rot90-prob > 0")
     if args.normal_regions < 0 or args.balance_objects < 0:
         raise SystemExit("--normal-regions and --balance-objects must be 0 or more")
     if args.mixed_copies < 1:
