@@ -347,7 +347,7 @@ def view_averaged_embeddings(tower: nn.Module, pixels: torch.Tensor, alpha: torc
     better than the four (benchmarks/results/describer_regions.md, sessions 8 and 11).
     """
     count = len(pixels)
-    if quarter_turns:  # views are square (checked where training turns them); a turn keeps their shape
+    if quarter_turns:  # views are square (the config check and training insist), so a turn keeps their shape
         pixels = torch.cat([pixels, torch.rot90(pixels, 1, dims=(-2, -1))])
         alpha = torch.cat([alpha, torch.rot90(alpha, 1, dims=(-2, -1))])
     if flips:
