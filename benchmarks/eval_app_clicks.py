@@ -10,9 +10,9 @@ scores the upload, and a click selects the predicted region under (or near) it, 
 the defect types only; "no defect" is a possible answer for a disk). Here every held-out image of the split
 is scored as an upload, each of its regions is clicked at its pixel nearest the region's centroid (the point
 `scripts/make_examples.py` uses), and each image once at its clean point (farthest from every defect and the
-border). Reported: top-1
-per defect type and over all regions, the defect clicks answered "no defect", the clean clicks answered
-"no defect", and the defect clicks split by what the click selected (a predicted region or a disk).
+border). Reported: top-1 per defect type and over all regions, the defect clicks answered "no defect", the
+clean clicks answered "no defect", and the defect clicks split by what the click selected (a predicted
+region or a disk).
 `--inference exact` scores with the exact float32 path (a GPU's, or a CPU without AMX).
 """
 
