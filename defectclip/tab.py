@@ -40,7 +40,7 @@ from .towers import VisionTower, build_vision_tower
 
 CONFIG_NAME = "tab_config.json"
 HEAD_WEIGHTS = "projection.safetensors"
-LOSSES = ("joint", "paper")
+LOSSES = ("joint", "paper", "state")
 HEADS = ("linear", "mlp")
 MIXED_SYNTHESIS = "mix"  # each pair draws one of NSA, CutPaste, Perlin
 SYNTHESES = (*SYNTHESIS_METHODS, MIXED_SYNTHESIS)  # "nsa" (TAB's choice), "cutpaste", "perlin", "mix"
@@ -259,7 +259,20 @@ def joint_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
     return F.cross_entropy(logits, targets)
 
 
-LOSS_FUNCTIONS = {"paper": paper_loss, "joint": joint_loss}
+def state_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Binary CE between each image's own object's normal and abnormal vectors: only the state is
+    learned, never which object it is. Measured on magnetic tile (benchmarks/results/tab_transfer.md):
+    the object-naming part of Eq. 6 and of the joint loss is what makes a trunk pretrained on several
+    objects worse than its start; with one object this equals the joint loss."""
+    batch = _split_logits(logits, labels, num_classes)
+    rows = torch.arange(2 * batch, device=logits.device)
+    objects = torch.cat([labels, labels])
+    own = torch.stack([logits[rows, objects], logits[rows, objects + num_classes]], dim=1)
+    states = torch.cat([torch.zeros_like(labels), torch.ones_like(labels)])
+    return F.cross_entropy(own, states)
+
+
+LOSS_FUNCTIONS = {"paper": paper_loss, "joint": joint_loss, "state": state_loss}
 
 
 def tab_loss(loss: str, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

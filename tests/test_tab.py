@@ -26,6 +26,7 @@ from defectclip.tab import (
     check_loss,
     joint_loss,
     paper_loss,
+    state_loss,
     tab_loss,
 )
 from defectclip.towers import build_vision_tower
@@ -82,6 +83,24 @@ def test_losses_on_hand_made_logits():
     assert tab_loss("paper", flat, torch.tensor([0, 2]), 3).item() == pytest.approx(math.log(3))
     with pytest.raises(TABError, match="shape"):
         joint_loss(torch.zeros(3, 4), labels, 2)
+
+
+def test_state_loss_only_compares_the_own_objects_two_vectors():
+    logits = torch.tensor([[2.0, 9.0, 1.0, 9.0],   # normal image of object 0; object 1's columns are huge
+                           [0.0, 9.0, 3.0, 9.0]])  # its synthetic anomaly
+    labels = torch.tensor([0])
+    normal_row = math.log(math.exp(2) + math.exp(1)) - 2
+    anomaly_row = math.log(1 + math.exp(3)) - 3
+    assert state_loss(logits, labels, 2).item() == pytest.approx((normal_row + anomaly_row) / 2, rel=1e-6)
+    # Another object's columns never matter: the object is not what this loss asks for.
+    other = logits.clone()
+    other[:, [1, 3]] = torch.tensor([[-5.0, 4.0], [7.0, -2.0]])
+    assert state_loss(other, labels, 2).item() == pytest.approx(state_loss(logits, labels, 2).item())
+    # With one object it is the joint loss (the binary choice the embedded trunk was trained with).
+    one = torch.randn(6, 2)
+    assert state_loss(one, torch.zeros(3, dtype=torch.long), 1).item() == pytest.approx(
+        joint_loss(one, torch.zeros(3, dtype=torch.long), 1).item(), rel=1e-6)
+    assert tab_loss("state", torch.zeros(4, 6), torch.tensor([0, 2]), 3).item() == pytest.approx(math.log(2))
 
 
 def test_with_one_category_the_paper_loss_would_learn_nothing():

@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="frozen text tower spec; offline: offline:minilm, tests: tiny:text")
     tab.add_argument("--synthesis", choices=SYNTHESES, default="nsa", help="how the anomalous twin of each image is made")
     tab.add_argument("--loss", choices=LOSSES, default="joint",
-                     help="joint: all 2K (object, state) vectors; paper: TAB Eq. 6 (needs >= 2 categories)")
+                     help="joint: all 2K (object, state) vectors; paper: TAB Eq. 6 (needs >= 2 categories); "
+                          "state: normal vs abnormal of the image's own object only")
     tab.add_argument("--head", choices=HEADS, default="linear", help="projection head from trunk features to text space")
     tab.add_argument("--prompts", choices=PROMPT_LEVELS, default="industrial",
                      help="prompt set, as in TAB's Table 8 ablation (industrial = the full set)")
