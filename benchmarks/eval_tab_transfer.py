@@ -9,6 +9,8 @@ the ImageNet start, TAB pretrained WITHOUT the evaluated object (`--unseen`: wha
 product gets) and TAB pretrained WITH it (`--seen`). Each trunk's run is kept as
 `<cache>/<name>.json` and reused when its settings match (features are extracted once per trunk and
 method and shared by the seeds; see eval_backbones), so a killed benchmark resumes trunk by trunk.
+`--unseen` / `--seen` take one trunk per pretraining seed: their deltas then pool every (trunk,
+evaluation seed) pair, since one pretraining run can move image AUROC by points (tab_transfer.md).
 
 Writes `<out>.json`: for each of `unseen_delta` and `seen_delta`, per method, the image and pixel
 AUROC difference to ImageNet, paired by seed (same coreset start / PaDiM channel draw), as mean and
@@ -39,8 +41,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="an MVTec-layout category folder (the held-out object)")
     parser.add_argument("--imagenet", default="offline:efficientnet_lite0", help="the start trunk's spec")
-    parser.add_argument("--unseen", required=True, help="TAB trunk pretrained without this object (spec)")
-    parser.add_argument("--seen", default=None, help="TAB trunk pretrained with this object (spec; optional)")
+    parser.add_argument("--unseen", nargs="+", required=True,
+                        help="TAB trunk pretrained without this object (spec); several = one per pretraining seed, pooled")
+    parser.add_argument("--seen", nargs="+", default=None,
+                        help="TAB trunk pretrained with this object (spec; optional); several are pooled as for --unseen")
     parser.add_argument("--extra", nargs="*", default=[], metavar="NAME=SPEC",
                         help="more trunks to score against ImageNet, reported as <NAME>_delta (e.g. a run at alpha 1)")
     parser.add_argument("--candidates", nargs="*", default=[], metavar="NAME=FOLDER",
@@ -143,6 +147,36 @@ def paired_delta(trunk: dict, start: dict, method: str, metric: str) -> dict | N
             "std": round(statistics.pstdev(diffs), 3) if len(diffs) > 1 else 0.0, "seeds": seeds}
 
 
+def pooled_delta(trunks: Sequence[dict], start: dict, method: str, metric: str) -> dict | None:
+    """(trunk - start) over every pretraining run and every evaluation seed, in AUROC points: the
+    spread then holds what the pretraining seed moves, which one trunk's evaluation seeds never show."""
+    base, diffs, seeds = per_seed(start, method, metric), [], set()
+    for trunk in trunks:
+        mine = per_seed(trunk, method, metric)
+        common = sorted(set(mine) & set(base))
+        diffs += [100 * (mine[s] - base[s]) for s in common]
+        seeds.update(common)
+    if not diffs:
+        return None
+    return {"mean": round(statistics.fmean(diffs), 3), "std": round(statistics.pstdev(diffs), 3) if len(diffs) > 1 else 0.0,
+            "seeds": sorted(seeds), "trunks": len(trunks), "pairs": len(diffs)}
+
+
+def pooled_absolute(trunks: Sequence[dict], method: str, metric: str) -> dict | None:
+    values = [v for trunk in trunks for v in per_seed(trunk, method, metric).values()]
+    if not values:
+        return None
+    return {"mean": round(100 * statistics.fmean(values), 3),
+            "std": round(100 * statistics.pstdev(values), 3) if len(values) > 1 else 0.0}
+
+
+def role_members(role: str, specs: Sequence[str]) -> dict[str, str]:
+    """One trunk keeps the role's name (and its cache file); several are <role>_s0, <role>_s1, ..."""
+    if len(specs) == 1:
+        return {role: specs[0]}
+    return {f"{role}_s{i}": spec for i, spec in enumerate(specs)}
+
+
 def absolute(report: dict, method: str, metric: str) -> dict | None:
     values = list(per_seed(report, method, metric).values())
     if not values:
@@ -174,15 +208,21 @@ def markdown(result: dict) -> str:
              f"seeds {result['seeds']}. Machine: {result['machine']}.", "",
              "| trunk | method | image AUROC (%) | pixel AUROC (%) | image Δ vs ImageNet | pixel Δ vs ImageNet |",
              "|---|---|---|---|---|---|"]
+    fmt = lambda c: "n/a" if c is None else f"{c['mean']:.2f} ± {c['std']:.2f}"  # noqa: E731
+    sign = lambda c: "–" if c is None else f"{c['mean']:+.2f} ± {c['std']:.2f}"  # noqa: E731
     for name in result["trunks"]:
         for method in result["methods"]:
             cells = result["absolute"][name][method]
             delta = result.get(f"{name}_delta", {}).get(method, {})
-            fmt = lambda c: "n/a" if c is None else f"{c['mean']:.2f} ± {c['std']:.2f}"  # noqa: E731
-            sign = lambda c: "–" if c is None else f"{c['mean']:+.2f} ± {c['std']:.2f}"  # noqa: E731
             lines.append(f"| {name} (`{result['trunks'][name]}`) | {method} | {fmt(cells['image'])} | {fmt(cells['pixel'])} "
                          f"| {sign(delta.get('image'))} | {sign(delta.get('pixel'))} |")
-    lines += ["", "Δ: per-seed difference to ImageNet (same seed), mean ± standard deviation over seeds."]
+    for role, members in result.get("pooled", {}).items():
+        for method in result["methods"]:
+            cells, delta = result["absolute"][role][method], result[f"{role}_delta"][method]
+            lines.append(f"| **{role}** (pooled: {', '.join(members)}) | {method} | {fmt(cells['image'])} | "
+                         f"{fmt(cells['pixel'])} | {sign(delta.get('image'))} | {sign(delta.get('pixel'))} |")
+    lines += ["", "Δ: per-seed difference to ImageNet (same seed), mean ± standard deviation over seeds"
+              + ("; a pooled row: over every (pretraining run, evaluation seed) pair." if result.get("pooled") else ".")]
     for name in result["identical_to_imagenet"]:
         lines.append(f"`{name}` has exactly the ImageNet trunk's weights (its WiSE rule chose alpha = 0): its "
                      "numbers are the start's, Δ = 0 by construction.")
@@ -198,11 +238,28 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def pool_roles(result: dict, reports: dict, roles: dict[str, dict[str, str]], methods: Sequence[str]) -> None:
+    """A role given several trunks (pretraining seeds) is judged on all of them together."""
+    for role, members in roles.items():
+        if len(members) < 2:
+            continue
+        trunks = [reports[name] for name in members]
+        result[f"{role}_delta"] = {m: {label: pooled_delta(trunks, reports["imagenet"], m, metric)
+                                       for metric, label in METRICS.items()} for m in methods}
+        result["absolute"][role] = {m: {label: pooled_absolute(trunks, m, metric) for metric, label in METRICS.items()}
+                                    for m in methods}
+        result.setdefault("pooled", {})[role] = list(members)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    specs = {"imagenet": args.imagenet, "unseen": args.unseen, **({"seen": args.seen} if args.seen else {}),
-             **named(args.extra, "--extra")}
+    roles = {"unseen": role_members("unseen", args.unseen), **({"seen": role_members("seen", args.seen)} if args.seen else {})}
+    specs = {"imagenet": args.imagenet, **{name: spec for members in roles.values() for name, spec in members.items()}}
+    extra = named(args.extra, "--extra")
+    if clash := sorted(set(extra) & (set(specs) | set(roles))):
+        raise SystemExit(f"--extra names {clash} are taken by the start or the unseen/seen trunks; rename them.")
+    specs.update(extra)
     reports = {"imagenet": cached_run(args.imagenet, "imagenet", args)}
     for name, spec in list(specs.items())[1:]:
         reports[name] = trunk_report(spec, name, args, reports["imagenet"])
@@ -223,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "eval_wall_s": {name: round(r["wall_s"], 1) for name, r in reports.items() if not r.get("identical_to_imagenet")},
         "wall_s_this_call": round(time.perf_counter() - started, 1),
     }
+    pool_roles(result, reports, roles, args.methods)
     result["targets_met"] = targets_met(result, args.methods)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -334,3 +334,37 @@ def test_transfer_deltas_are_paired_by_seed_and_judged_against_the_targets():
     assert result["unseen_delta"]["patchcore"]["pixel"]["mean"] == pytest.approx(-0.5)
     # unseen: the image gain does not excuse the pixel loss; seen: +2.5 image points >= +1.5.
     assert bench.targets_met(result, ["patchcore"]) == {"unseen_patchcore": False, "seen_patchcore": True}
+
+
+def test_several_pretraining_runs_are_judged_together(tmp_path, monkeypatch):
+    """One lucky pretraining seed must not pass the target: the role's delta pools every run and seed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import eval_tab_transfer as bench
+
+    def report(values):
+        return {"machine": "test CPU", "wall_s": 1.0,
+                "runs": [{"method": "patchcore", "seed": seed, "image_auroc": image, "pixel_auroc": pixel,
+                          "num_train": 4, "num_test": 6} for seed, (image, pixel) in enumerate(values)]}
+
+    reports = {"offline:start": report([(0.80, 0.70), (0.90, 0.72)]),
+               "local-dir:lucky": report([(0.83, 0.71), (0.93, 0.73)]),    # +3 image points
+               "local-dir:unlucky": report([(0.79, 0.71), (0.89, 0.73)])}  # -1
+    monkeypatch.setattr(bench, "trunk_report", lambda spec, name, args, imagenet: reports[spec])
+    monkeypatch.setattr(bench, "cached_run", lambda spec, name, args: reports[spec])
+    out = tmp_path / "transfer"
+    result = bench.main(["--data", str(tmp_path), "--imagenet", "offline:start", "--methods", "patchcore",
+                         "--seeds", "0", "1", "--unseen", "local-dir:lucky", "local-dir:unlucky", "--out", str(out)])
+    assert set(result["trunks"]) == {"imagenet", "unseen_s0", "unseen_s1"}
+    assert result["unseen_s0_delta"]["patchcore"]["image"]["mean"] == pytest.approx(3.0)
+    pooled = result["unseen_delta"]["patchcore"]["image"]
+    assert pooled["mean"] == pytest.approx(1.0) and pooled["std"] == pytest.approx(2.0)
+    assert pooled["trunks"] == 2 and pooled["pairs"] == 4
+    assert result["absolute"]["unseen"]["patchcore"]["image"]["mean"] == pytest.approx(86.0)
+    assert result["pooled"] == {"unseen": ["unseen_s0", "unseen_s1"]}
+    assert "| **unseen** (pooled: unseen_s0, unseen_s1) | patchcore | 86.00 ± 5.38 | 72.00 ± 1.00 | +1.00 ± 2.00 |" \
+        in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="taken"):
+        bench.main(["--data", str(tmp_path), "--imagenet", "offline:start", "--unseen", "local-dir:lucky",
+                    "--extra", "unseen=local-dir:unlucky", "--out", str(out)])
