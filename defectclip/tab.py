@@ -261,9 +261,9 @@ def joint_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
 
 def state_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Binary CE between each image's own object's normal and abnormal vectors: only the state is
-    learned, never which object it is. Measured on magnetic tile (benchmarks/results/tab_transfer.md):
-    the object-naming part of Eq. 6 and of the joint loss is what makes a trunk pretrained on several
-    objects worse than its start; with one object this equals the joint loss."""
+    learned, never which object it is; with one object this equals the joint loss. It tests whether the
+    object-naming part of Eq. 6 / the joint loss is what makes a multi-object trunk worse than its start
+    on magnetic tile: it is not the whole story (benchmarks/results/tab_transfer.md, session 12)."""
     batch = _split_logits(logits, labels, num_classes)
     rows = torch.arange(2 * batch, device=logits.device)
     objects = torch.cat([labels, labels])
