@@ -138,13 +138,8 @@ def per_seed(report: dict, method: str, metric: str) -> dict[int, float]:
 
 def paired_delta(trunk: dict, start: dict, method: str, metric: str) -> dict | None:
     """Mean and spread over seeds of (trunk - start), in AUROC points (percent)."""
-    mine, base = per_seed(trunk, method, metric), per_seed(start, method, metric)
-    seeds = sorted(set(mine) & set(base))
-    if not seeds:
-        return None
-    diffs = [100 * (mine[s] - base[s]) for s in seeds]
-    return {"mean": round(statistics.fmean(diffs), 3),
-            "std": round(statistics.pstdev(diffs), 3) if len(diffs) > 1 else 0.0, "seeds": seeds}
+    pooled = pooled_delta([trunk], start, method, metric)
+    return None if pooled is None else {k: pooled[k] for k in ("mean", "std", "seeds")}
 
 
 def pooled_delta(trunks: Sequence[dict], start: dict, method: str, metric: str) -> dict | None:
@@ -178,11 +173,7 @@ def role_members(role: str, specs: Sequence[str]) -> dict[str, str]:
 
 
 def absolute(report: dict, method: str, metric: str) -> dict | None:
-    values = list(per_seed(report, method, metric).values())
-    if not values:
-        return None
-    return {"mean": round(100 * statistics.fmean(values), 3),
-            "std": round(100 * statistics.pstdev(values), 3) if len(values) > 1 else 0.0}
+    return pooled_absolute([report], method, metric)
 
 
 def deltas(trunk: dict, start: dict, methods: Sequence[str]) -> dict:
