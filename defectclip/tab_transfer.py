@@ -8,8 +8,9 @@ start, each switchable in train/tab_pretrain.py:
   those of a frozen copy of its start (`--distill-weight`);
 - `interpolate_state`: after training, weights (1 - alpha) * start + alpha * tuned (WiSE-FT,
   Wortsman et al. 2022), with alpha picked by `choose_alpha` on a validation set of real defects that
-  no test set is part of (`--wise-alphas`, `--validation`). alpha = 0 is the start itself, so the
-  picked trunk is at least as good as the start on that validation set.
+  no test set is part of (`--wise-alphas`, `--validation`), on the worst gain over the validated
+  scorers (`--validation-methods`, `worst_method_gain`). alpha = 0 is the start itself, so the picked
+  trunk is at least as good as the start on that validation set, in every validated scorer.
 """
 
 from __future__ import annotations
@@ -162,16 +163,40 @@ class ValidationSet:
     name: str = "validation"
 
 
-def validation_auroc(trunk: VisionTower, data: ValidationSet, image_size: int, seed: int = 0) -> float:
-    """Image AUROC of PatchCore on this trunk (the scorer users run), fitted on `data.fit`."""
-    from .metrics import image_auroc
-    from .scoring import PatchCore
+VALIDATION_METHODS = ("patchcore", "padim")
 
-    scorer = PatchCore(trunk, image_size=image_size, coreset_ratio=0.1, seed=seed, device="cpu")
+
+def validation_auroc(trunk: VisionTower, data: ValidationSet, image_size: int, seed: int = 0,
+                     method: str = "patchcore") -> float:
+    """Image AUROC of one of the scorers users run on this trunk (PatchCore or PaDiM), fitted on `data.fit`."""
+    from .metrics import image_auroc
+    from .scoring import PaDiM, PatchCore
+
+    if method not in VALIDATION_METHODS:
+        raise TransferError(f"Unknown validation method {method!r}; use one of {VALIDATION_METHODS}.")
+    if method == "patchcore":
+        scorer = PatchCore(trunk, image_size=image_size, coreset_ratio=0.1, seed=seed, device="cpu")
+    else:
+        scorer = PaDiM(trunk, image_size=image_size, seed=seed, device="cpu")
     scorer.fit(data.fit)
     scores = [r.score for r in scorer.predict(data.normal + data.defective)]
     labels = [0] * len(data.normal) + [1] * len(data.defective)
     return float(image_auroc(labels, scores))
+
+
+def worst_method_gain(aurocs: dict[str, dict[float, float]]) -> dict[float, float]:
+    """For every alpha, the smallest gain over the start (alpha = 0) among the validated methods.
+
+    A trunk is kept only for what it does in every scorer it will be used in: an alpha that helps
+    PatchCore but costs PaDiM counts by its PaDiM loss. With one method this is its AUROC shifted by a
+    constant, so `choose_alpha` picks the same alpha as on the AUROCs themselves.
+    """
+    if not aurocs:
+        raise TransferError("No validation method was run.")
+    alphas = set.intersection(*(set(values) for values in aurocs.values()))
+    if 0.0 not in alphas:
+        raise TransferError("Every validated method needs alpha = 0 (the start) to measure gains against.")
+    return {alpha: min(values[alpha] - values[0.0] for values in aurocs.values()) for alpha in sorted(alphas)}
 
 
 def choose_alpha(aurocs: dict[float, float], tolerance: float) -> float:

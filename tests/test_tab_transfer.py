@@ -20,6 +20,7 @@ from defectclip.tab_sources import (
 )
 from defectclip.tab_transfer import (
     FeatureDistillation, TransferError, captured_stages, choose_alpha, early_stage_parameters, freeze_early_stages,
+    worst_method_gain,
     interpolate_state, interpolated_trunk,
 )
 from defectclip.towers import build_vision_tower, wrap_timm
@@ -173,6 +174,18 @@ def test_choose_alpha_prefers_the_start_within_the_tolerance():
     assert choose_alpha({0.0: 0.70, 0.5: 0.80, 1.0: 0.90}, tolerance=0.0) == 1.0
 
 
+def test_an_alpha_that_costs_padim_what_it_gives_patchcore_is_not_kept():
+    aurocs = {"patchcore": {0.0: 0.83, 0.5: 0.86, 1.0: 0.84}, "padim": {0.0: 0.79, 0.5: 0.77, 1.0: 0.80}}
+    gains = worst_method_gain(aurocs)
+    assert gains == pytest.approx({0.0: 0.0, 0.5: -0.02, 1.0: 0.01})
+    assert choose_alpha(gains, tolerance=0.005) == 1.0
+    assert choose_alpha(gains, tolerance=0.02) == 0.0  # 1.0 gains less than the tolerance: the start stays
+    # one method alone chooses exactly as choose_alpha on its own AUROCs
+    assert choose_alpha(worst_method_gain({"patchcore": aurocs["patchcore"]}), 0.01) == choose_alpha(aurocs["patchcore"], 0.01)
+    with pytest.raises(TransferError, match="alpha = 0"):
+        worst_method_gain({"patchcore": {0.5: 0.9}})
+
+
 # --------------------------------------------------------------------------------------------------
 # the script
 
@@ -192,6 +205,21 @@ def test_leave_one_out_run_with_every_safeguard_writes_its_recipe(roots, tmp_pat
     assert recipe["wise"]["alpha"] in (0.0, 0.5, 1.0) and set(recipe["wise"]["validation_auroc"]) == {"0.00", "0.50", "1.00"}
     assert metrics["wise"] == recipe["wise"]
     assert json.loads((out / "tab_config.json").read_text())["recipe"]["distill_weight"] == 0.5
+
+
+def test_alpha_validated_on_both_scorers_records_each(roots, tmp_path):
+    mvtec, steel = roots
+    out = tmp_path / "both"
+    metrics = main(["--data", str(mvtec), "--textures", "2", "--wise-alphas", "1", "--validation", str(steel),
+                    "--validation-count", "2", "--validation-size", "32", "--validation-methods", "patchcore", "padim",
+                    "--batch-size", "2", "--max-steps", "2", "--no-freeze-bn", "--output-dir", str(out), *TINY])
+    wise = TABBackbone.from_pretrained(out).config.recipe["wise"]
+    assert wise["validation_methods"] == ["patchcore", "padim"]
+    by_method = wise["validation_auroc_by_method"]
+    assert set(by_method) == {"patchcore", "padim"} and all(set(v) == {"0.00", "1.00"} for v in by_method.values())
+    assert wise["validation_auroc"] == by_method["patchcore"] and metrics["wise"] == wise
+    gains = {a: min(by_method[m][a] - by_method[m]["0.00"] for m in by_method) for a in ("0.00", "1.00")}
+    assert wise["alpha"] == (1.0 if gains["1.00"] > wise["tolerance"] else 0.0)
 
 
 def test_wise_alphas_without_validation_data_is_refused(roots, tmp_path):

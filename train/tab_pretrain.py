@@ -34,8 +34,8 @@ from defectclip.tab import (
 )
 from defectclip.tab_sources import SourceError, collect_sources, is_index_mask_root, steel_validation
 from defectclip.tab_transfer import (
-    FeatureDistillation, TransferError, ValidationSet, captured_stages, choose_alpha, freeze_early_stages,
-    interpolated_trunk, validation_auroc,
+    VALIDATION_METHODS, FeatureDistillation, TransferError, ValidationSet, captured_stages, choose_alpha,
+    freeze_early_stages, interpolated_trunk, validation_auroc, worst_method_gain,
 )
 from defectclip.towers import TowerError, build_text_tower, build_vision_tower
 if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
@@ -115,7 +115,10 @@ def add_transfer_args(parser: argparse.ArgumentParser) -> None:
                       help="index-mask root whose *test* split gives the real-defect validation crops for --wise-alphas")
     keep.add_argument("--validation-count", type=int, default=60,
                       help="validation crops per group (fit normals, held-out normals, defects)")
-    keep.add_argument("--validation-size", type=int, default=224, help="PatchCore input size for the validation")
+    keep.add_argument("--validation-size", type=int, default=224, help="scorer input size for the validation")
+    keep.add_argument("--validation-methods", nargs="+", choices=VALIDATION_METHODS, default=["patchcore"],
+                      help="scorers the validation fits on each alpha's trunk; alpha is chosen on the smallest "
+                           "gain over the start among them (patchcore padim: a trunk must help both)")
 
 
 def check_transfer_args(args: argparse.Namespace) -> None:
@@ -323,17 +326,23 @@ def average_with_start(model: TABBackbone, args: argparse.Namespace, say=print) 
     start = build_vision_tower(args.vision)
     tuned = copy.deepcopy(model.trunk).cpu().eval()
     data = load_validation(args)
-    aurocs = {}
+    methods = list(dict.fromkeys(args.validation_methods))
+    aurocs = {method: {} for method in methods}
     for alpha in sorted({0.0, *args.wise_alphas}):
-        aurocs[alpha] = validation_auroc(interpolated_trunk(start, tuned, alpha), data, args.validation_size, args.seed)
-        say(f"WiSE alpha {alpha:.2f}: validation image AUROC {aurocs[alpha]:.4f} ({data.name})")
-    alpha = choose_alpha(aurocs, args.wise_tolerance)
+        trunk = interpolated_trunk(start, tuned, alpha)
+        for method in methods:
+            aurocs[method][alpha] = validation_auroc(trunk, data, args.validation_size, args.seed, method)
+        said = ", ".join(f"{method} {aurocs[method][alpha]:.4f}" for method in methods)
+        say(f"WiSE alpha {alpha:.2f}: validation image AUROC {said} ({data.name})")
+    alpha = choose_alpha(worst_method_gain(aurocs), args.wise_tolerance)
     averaged = copy.deepcopy(model).cpu()
     averaged.trunk = interpolated_trunk(start, tuned, alpha)
     averaged.trunk.preprocess = tuned.preprocess
+    as_text = {method: {f"{a:.2f}": round(v, 4) for a, v in values.items()} for method, values in aurocs.items()}
     averaged.config.recipe = {**averaged.config.recipe, "wise": {
         "alpha": alpha, "tolerance": args.wise_tolerance, "validation": data.name,
-        "validation_auroc": {f"{a:.2f}": round(v, 4) for a, v in aurocs.items()},
+        # the first method's numbers keep their old key (model cards read it); all of them by method
+        "validation_auroc": as_text[methods[0]], "validation_methods": methods, "validation_auroc_by_method": as_text,
         "validation_images": {"fit": len(data.fit), "normal": len(data.normal), "defective": len(data.defective)}}}
     say(f"WiSE: kept alpha {alpha:.2f}")
     return averaged
