@@ -4,8 +4,8 @@
         --towers offline:efficientnet_lite0 local-dir:runs/tab --methods patchcore padim --seeds 0 1 2
 
 For every (tower, method, category, seed) it fits on the category's train/good images, predicts
-the test images and computes image AUROC, pixel AUROC, AUPRO and F1-max; each run prints one JSON
-line. At the end it prints and writes `<out>.json` (every run + the summary) and `<out>.md`: per
+the test images and computes image AUROC, pixel AUROC, AUPRO and F1-max, overall and per defect
+type (that type's images against every normal one); each run prints one JSON line. At the end it prints and writes `<out>.json` (every run + the summary) and `<out>.md`: per
 method and metric, one row per backbone, one column per category and the mean, as mean +- std
 over seeds in percent.
 
@@ -44,7 +44,7 @@ from machine import cpu_model  # noqa: E402
 
 from defectclip.data import MVTecDataset, find_mvtec_categories  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
-from defectclip.metrics import evaluate  # noqa: E402
+from defectclip.metrics import evaluate, evaluate_by_defect_type  # noqa: E402
 from defectclip.scoring import SCORERS  # noqa: E402
 from defectclip.scoring.patchcore import DEFAULT_MAX_BANK_SIZE  # noqa: E402
 from defectclip.towers import build_vision_tower  # noqa: E402
@@ -104,6 +104,7 @@ class TestSet:
     images: list[torch.Tensor]
     masks: list[np.ndarray] | None  # None: the set has image labels only
     labels: list[int]
+    defects: list[str]  # each image's defect type ("good" for normal ones), for the per-type breakdown
 
 
 def load_category(root: Path, category: str, max_train: int | None, max_test: int | None):
@@ -113,7 +114,7 @@ def load_category(root: Path, category: str, max_train: int | None, max_test: in
     test = MVTecDataset(root, "test", categories=[category], require_masks=False)
     samples = [test[i] for i in capped_test_indices(test.labels, max_test)]
     masks = [s.mask.numpy() for s in samples] if test.has_all_masks else None
-    return train, TestSet([s.image for s in samples], masks, [s.label for s in samples])
+    return train, TestSet([s.image for s in samples], masks, [s.label for s in samples], [s.defect for s in samples])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ def run_method(tower, method: str, train, test: TestSet, args: argparse.Namespac
         results = model.predict_embedded(test_features)
         score_ms = 1000 * (time.perf_counter() - start) / len(test.images)
         metrics = evaluate(results, test.masks, test.labels)
+        by_defect = defect_type_metrics(results, test)
         rows.append({
             "seed": seed,
             **{k: metrics.get(k) for k in (*METRICS, "f1_max")},
@@ -172,8 +174,19 @@ def run_method(tower, method: str, train, test: TestSet, args: argparse.Namespac
             "image_size": list(model.preprocess.size),
             "num_train": len(train),
             "num_test": len(test.images),
+            "by_defect": by_defect,
         })
     return rows
+
+
+def defect_type_metrics(results, test: TestSet) -> dict | None:
+    """{defect type: its metrics on the normal images plus its own}; None without normal test images
+    or with a single defect type (the pooled numbers say it all then)."""
+    kinds = set(test.defects) - {"good"}
+    if "good" not in test.defects or len(kinds) < 2:
+        return None
+    return {kind: {k: cell.get(k) for k in (*METRICS, "images")}
+            for kind, cell in evaluate_by_defect_type(results, test.masks, test.defects).items()}
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
@@ -225,6 +238,38 @@ def summarise(runs: list[dict]) -> dict:
             cells["mean"] = {k: mean_std(v) for k, v in per_seed.items()}
             summary.setdefault(method, {})[tower] = cells
     return summary
+
+
+def defect_type_summary(runs: list[dict]) -> dict:
+    """{method: {tower: {category: {defect type: {metric: [mean, std] over seeds}, "images": n}}}}."""
+    table: dict = {}
+    for row in runs:
+        for kind, cell in (row.get("by_defect") or {}).items():
+            slot = table.setdefault(row["method"], {}).setdefault(row["tower"], {}).setdefault(row["category"], {})
+            slot.setdefault(kind, {"images": cell["images"], "values": []})["values"].append(cell)
+    for towers in table.values():
+        for categories in towers.values():
+            for kinds in categories.values():
+                for kind, slot in kinds.items():
+                    values = slot.pop("values")
+                    slot.update({k: mean_std([v[k] for v in values]) for k in METRICS if values[0][k] is not None})
+    return table
+
+
+def defect_type_tables(by_type: dict, seeds: Sequence[int]) -> str:
+    lines = []
+    with_std = len(seeds) > 1
+    for method, towers in by_type.items():
+        for tower, categories in towers.items():
+            for category, kinds in categories.items():
+                lines += [f"### {method}, `{tower}`, {category}: per defect type (its images + every normal image)", "",
+                          "| defect type | images | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |",
+                          "|---" * (len(METRICS) + 2) + "|"]
+                for kind, cell in kinds.items():
+                    values = [percent(cell.get(m), with_std) for m in METRICS]
+                    lines.append(f"| {kind} | {cell['images']} | " + " | ".join(values) + " |")
+                lines.append("")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def headline(summary: dict) -> dict:
@@ -289,13 +334,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary = summarise(runs)
     report = {
         "args": vars(args), "machine": machine_description(), "wall_s": wall_s,
-        "results": headline(summary), "runs": runs, "summary": summary,
+        "results": headline(summary), "runs": runs, "summary": summary, "by_defect_type": defect_type_summary(runs),
     }
     print(json.dumps({"wall_s": round(wall_s, 1)}), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), report)
-    tables = markdown_tables(summary, args.seeds)
+    tables = markdown_tables(summary, args.seeds) + defect_type_tables(report["by_defect_type"], args.seeds)
     out.with_suffix(".md").write_text(f"<!-- generated by benchmarks/eval_backbones.py -->\n\n{tables}")
     print(tables)
     return report

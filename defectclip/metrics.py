@@ -432,6 +432,33 @@ def evaluate(
     return metrics
 
 
+def evaluate_by_defect_type(
+    results_or_maps: Sequence[Any],
+    masks: Sequence[Any] | None,
+    defect_types: Sequence[str],
+    normal: str = "good",
+    **options: Any,
+) -> dict[str, dict[str, float]]:
+    """`evaluate` once per defect type, on the normal images plus that type's images only.
+
+    The pooled pixel metrics weigh every defect pixel alike, so a type with large masks (magnetic
+    tile's "uneven": seven in ten defect pixels) decides them; per type, a user sees which kind of
+    defect the model misses. `defect_types` names each image's type (`normal` for defect-free ones).
+    """
+    if len(defect_types) != len(results_or_maps):
+        raise ValueError(f"defect_types and results differ in length: {len(defect_types)} vs {len(results_or_maps)}")
+    normals = [i for i, kind in enumerate(defect_types) if kind == normal]
+    if not normals:
+        raise ValueError(f"A per-type breakdown needs normal images (type {normal!r}); the test set has none.")
+    by_type = {}
+    for kind in sorted(set(defect_types) - {normal}):
+        chosen = normals + [i for i, other in enumerate(defect_types) if other == kind]
+        by_type[kind] = evaluate([results_or_maps[i] for i in chosen], None if masks is None else [masks[i] for i in chosen],
+                                 [int(defect_types[i] != normal) for i in chosen], **options)
+        by_type[kind]["images"] = len(chosen) - len(normals)
+    return by_type
+
+
 def _maps_and_scores(results_or_maps: Sequence[Any]) -> tuple[list[Any], list[float]]:
     maps, scores = [], []
     for item in results_or_maps:

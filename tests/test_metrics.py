@@ -306,3 +306,31 @@ def test_other_bad_inputs_are_rejected_clearly():
         aupro([_square_defect_image()], [np.zeros((8, 8))], max_fpr=0)
     with pytest.raises(ValueError, match="needs labels or masks"):
         evaluate([np.zeros((2, 2))])
+
+
+def test_per_defect_type_metrics_show_the_type_the_model_misses():
+    """Two defect types: 'dent' lit up where the mask is, 'stain' scored like normal surface."""
+    rng = np.random.default_rng(0)
+    maps, masks, kinds = [], [], []
+    for _ in range(3):
+        maps.append(rng.uniform(0, 1, (16, 16)))
+        masks.append(np.zeros((16, 16), bool))
+        kinds.append("good")
+    for kind, lift in (("dent", 5.0), ("stain", 0.0)):
+        for _ in range(2):
+            mask = np.zeros((16, 16), bool)
+            mask[4:10, 4:10] = True
+            anomaly_map = rng.uniform(0, 1, (16, 16))
+            anomaly_map[mask] += lift
+            maps.append(anomaly_map)
+            masks.append(mask)
+            kinds.append(kind)
+    by_type = metrics.evaluate_by_defect_type(maps, masks, kinds)
+    assert set(by_type) == {"dent", "stain"}
+    assert by_type["dent"]["images"] == 2 and by_type["dent"]["pixel_auroc"] == 1.0 and by_type["dent"]["image_auroc"] == 1.0
+    assert by_type["stain"]["pixel_auroc"] < 0.75
+    # each type is judged on its own images plus the normal ones only
+    dent_only = [i for i, k in enumerate(kinds) if k != "stain"]
+    assert by_type["dent"]["aupro"] == evaluate([maps[i] for i in dent_only], [masks[i] for i in dent_only])["aupro"]
+    with pytest.raises(ValueError, match="needs normal images"):
+        metrics.evaluate_by_defect_type(maps[3:], masks[3:], kinds[3:])

@@ -217,3 +217,23 @@ def test_eval_backbones_reports_image_metrics_for_a_set_without_masks(tmp_path):
     assert 0.0 <= headline["image_auroc"] <= 1.0 and headline["pixel_auroc"] is None and headline["aupro"] is None
     assert "n/a (no masks)" in (tmp_path / "out" / "eval.md").read_text()
     assert report["wall_s"] > 0
+
+
+def test_eval_backbones_breaks_the_numbers_down_by_defect_type(tmp_path):
+    category = write_mvtec_category(tmp_path / "data", n_train=4, n_good_test=3, defects=("scratch", "stain"))
+    threads = torch.get_num_threads()
+    try:
+        report = load_eval_backbones().main([
+            "--data", str(category), "--towers", "tiny:cnn", "--methods", "patchcore", "--seeds", "0", "1",
+            "--image-size", "32", "--coreset-ratio", "0.5", "--device", "cpu", "--out", str(tmp_path / "out" / "eval"),
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    for run in report["runs"]:
+        assert set(run["by_defect"]) == {"scratch", "stain"}
+        assert all(cell["images"] == 2 and 0.0 <= cell["pixel_auroc"] <= 1.0 for cell in run["by_defect"].values())
+    cell = report["by_defect_type"]["patchcore"]["tiny:cnn"]["widget"]["stain"]
+    stain_runs = [run["by_defect"]["stain"]["image_auroc"] for run in report["runs"]]
+    assert cell["images"] == 2 and cell["image_auroc"][0] == pytest.approx(sum(stain_runs) / len(stain_runs))
+    text = (tmp_path / "out" / "eval.md").read_text()
+    assert "per defect type" in text and "| stain | 2 |" in text
