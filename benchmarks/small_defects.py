@@ -5,8 +5,8 @@
 
 The large images are built from the development data, not drawn:
 - every large image is a mosaic of `grid` x `grid` normal tiles of the category, each resized to
-  `cell` px (1024 x 1024 px by default); train mosaics use train/good tiles, test mosaics the held-out
-  test/good tiles;
+  `cell` px (1024 x 1024 px by default); train mosaics use train/good tiles (by default as many
+  mosaics as those tiles fill: the full training data), test mosaics the held-out test/good tiles;
 - half of the test mosaics get one REAL defect region (a connected component of a ground-truth
   mask, cut with its own pixels from a test image) transplanted at its native scale with Poisson
   blending (`defectclip.data.transplant`), kept only if it covers at most `--max-defect-fraction`
@@ -55,8 +55,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tower", default="offline:efficientnet_lite0", help="vision tower spec")
     parser.add_argument("--grid", type=int, default=4, help="normal tiles per side of a large image")
     parser.add_argument("--cell", type=int, default=256, help="side of one normal tile in the mosaic, px")
-    parser.add_argument("--train", type=int, default=10, help="normal large images to fit on")
-    parser.add_argument("--test", type=int, default=40, help="large test images, half of them with a defect")
+    parser.add_argument("--train", type=int, default=0,
+                        help="normal large images to fit on (0: as many as the train tiles would fill, 635 // 16 = 39 "
+                             "for magnetic tile; each mosaic draws its tiles at random)")
+    parser.add_argument("--test", type=int, default=100, help="large test images, half of them with a defect")
     parser.add_argument("--max-defect-fraction", type=float, default=0.005, help="largest defect area / image area")
     parser.add_argument("--image-size", type=int, default=256, help="resize plan: model size; tiles plan: tile size")
     parser.add_argument("--coreset-ratio", type=float, default=0.01, help="PatchCore memory bank fraction")
@@ -105,13 +107,14 @@ def build_images(args: argparse.Namespace) -> tuple[list[LargeImage], list[Large
     train_paths = [r.image_path for r in MVTecDataset(args.data, "train").refs]
     test_set = MVTecDataset(args.data, "test")
     good_paths = [r.image_path for r in test_set.refs if r.defect == "good"]
-    for name, paths, count in (("train/good", train_paths, args.train), ("test/good", good_paths, args.test)):
+    train_count = args.train or len(train_paths) // per_image
+    for name, paths, count in (("train/good", train_paths, train_count), ("test/good", good_paths, args.test)):
         if len(paths) < per_image:
             raise SystemExit(f"{name} has {len(paths)} tiles; one {args.grid} x {args.grid} mosaic needs {per_image}.")
     side = args.grid * args.cell
     regions = defect_regions(test_set, int(args.max_defect_fraction * side * side))
     train = [LargeImage(mosaic(rng.choice(train_paths, per_image, replace=False), args.grid, args.cell),
-                        np.zeros((side, side), bool), "good") for _ in range(args.train)]
+                        np.zeros((side, side), bool), "good") for _ in range(train_count)]
     test = []
     for index in range(args.test):
         image = mosaic(rng.choice(good_paths, per_image, replace=False), args.grid, args.cell)
