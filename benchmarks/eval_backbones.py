@@ -5,9 +5,10 @@
 
 For every (tower, method, category, seed) it fits on the category's train/good images, predicts
 the test images and computes image AUROC, pixel AUROC, AUPRO and F1-max, overall and per defect
-type (that type's images against every normal one); each run prints one JSON line. At the end it prints and writes `<out>.json` (every run + the summary) and `<out>.md`: per
-method and metric, one row per backbone, one column per category and the mean, as mean +- std
-over seeds in percent.
+type (that type's images against every normal one); each run prints one JSON line. At the end it
+prints and writes `<out>.json` (every run + the summary) and `<out>.md`: per method and metric, one
+row per backbone, one column per category and the mean, as mean +- std over seeds in percent, then
+one per-defect-type table per (method, backbone, category).
 
 `--max-train` / `--max-test` cap the images per category (evenly spaced over the sorted file list,
 test caps keep the normal/defective proportion), so that a CPU run finishes in minutes; the same
