@@ -16,6 +16,7 @@ from defectclip.scoring.inference import (
     conv_bn_pairs,
     folded_copy,
     inference_tower,
+    fp16_kernels_available,
     resolve_inference,
 )
 from defectclip.towers import build_vision_tower
@@ -94,7 +95,12 @@ def test_auto_picks_by_device_and_method_and_bad_modes_are_refused(tiny_cnn):
     assert resolve_inference("auto", gpu) == "exact"
     assert resolve_inference("auto", cpu, bf16_allowed=False) == "folded"
     assert resolve_inference("auto", cpu) in ("bf16", "folded")  # bf16 only with AMX tiles
-    assert resolve_inference("fp16", cpu) == "fp16"
+    if fp16_kernels_available(cpu):
+        assert resolve_inference("fp16", cpu) == "fp16"
+    else:  # this CPU has no float16 convolutions: refused up front, not a oneDNN error at the first image
+        with pytest.raises(ScoringError, match="use inference='bf16' or 'folded'"):
+            resolve_inference("fp16", cpu)
+    assert resolve_inference("fp16", gpu) == "fp16"
     assert PaDiM(tiny_cnn, device="cpu").inference_mode == "folded"  # not measured in bfloat16
     with pytest.raises(ScoringError, match="inference must be one of"):
         PatchCore(tiny_cnn, device="cpu", inference="int8")
@@ -105,6 +111,10 @@ def test_auto_picks_by_device_and_method_and_bad_modes_are_refused(tiny_cnn):
 
 @pytest.mark.parametrize("mode", ["folded", "fp16", "bf16"])
 def test_every_mode_scores_a_defect_above_a_normal_image(mode, normal_images, blob_image):
+    if mode == "fp16" and not fp16_kernels_available(torch.device("cpu")):
+        with pytest.raises(ScoringError, match="float16 convolutions"):
+            PatchCore("offline:efficientnet_lite0", image_size=64, device="cpu", inference=mode)
+        return
     model = PatchCore("offline:efficientnet_lite0", image_size=64, coreset_ratio=0.5, device="cpu",
                       inference=mode).fit(normal_images[:5])
     assert model.inference_mode == mode

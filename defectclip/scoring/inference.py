@@ -14,6 +14,7 @@ counters or storage move).
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from typing import Sequence
 
@@ -41,11 +42,37 @@ def bf16_kernels_available(device: torch.device) -> bool:
     return bool(check is not None and check())
 
 
+def fp16_kernels_available(device: torch.device) -> bool:
+    """Whether float16 convolutions run here: always on a GPU; on a CPU only where oneDNN has float16
+    kernels (AVX512-FP16 or AVX-NE-CONVERT), which one probe convolution finds out."""
+    return device.type != "cpu" or _cpu_runs_fp16_convolutions()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_runs_fp16_convolutions() -> bool:
+    # A stem-like convolution on a channels-last probe, through the op the fp16 copy will run: oneDNN's
+    # fused convolution where this torch has it (the one that refuses float16 on older CPUs), else conv2d.
+    conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+    layer = FusedConv2d(conv, "none", [], torch.float16) if _fused_kernel_works() else conv.half()
+    probe = torch.zeros(1, 3, PROBE_SIZE, PROBE_SIZE, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            layer(probe)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def resolve_inference(mode: str, device: torch.device, bf16_allowed: bool = True) -> str:
     """"auto" -> "bf16" on an AMX CPU (when the method's quality was measured in bf16), "folded" on
-    other CPUs, "exact" on a GPU; the other modes stand as given."""
+    other CPUs, "exact" on a GPU; the other modes stand as given, except "fp16" where this CPU
+    cannot run float16 convolutions (refused with what to use instead)."""
     if mode not in INFERENCE_MODES:
         raise ScoringError(f"inference must be one of {INFERENCE_MODES}, got {mode!r}.")
+    if mode == "fp16" and not fp16_kernels_available(device):
+        raise ScoringError("inference='fp16' needs float16 convolutions, which this CPU cannot run (its oneDNN "
+                           "kernels need AVX512-FP16 or AVX-NE-CONVERT); use inference='bf16' or 'folded' here, "
+                           "or run on a GPU.")
     if mode != "auto":
         return mode
     if device.type != "cpu":
