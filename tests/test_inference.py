@@ -15,8 +15,8 @@ from defectclip.scoring.inference import (
     FusedConv2d,
     conv_bn_pairs,
     folded_copy,
-    inference_tower,
     fp16_kernels_available,
+    inference_tower,
     resolve_inference,
 )
 from defectclip.towers import build_vision_tower

@@ -20,8 +20,7 @@ from defectclip.tab_sources import (
 )
 from defectclip.tab_transfer import (
     FeatureDistillation, TransferError, captured_stages, choose_alpha, early_stage_parameters, freeze_early_stages,
-    worst_method_gain,
-    interpolate_state, interpolated_trunk,
+    interpolate_state, interpolated_trunk, worst_method_gain,
 )
 from defectclip.towers import build_vision_tower, wrap_timm
 from train.tab_pretrain import main
