@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_backbones import machine_description  # noqa: E402  (benchmarks/ is not a package)
 
-from defectclip.data import MVTecDataset, load_image_array  # noqa: E402
+from defectclip.data import MVTecDataset, load_image_array, load_mask  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
 from defectclip.metrics import evaluate, evaluate_by_defect_type  # noqa: E402
 from defectclip.scoring import PaDiM, PatchCore  # noqa: E402
@@ -69,6 +69,14 @@ def standardised(model, held_out: list, test: list) -> tuple[list[Scored], list]
     return z, results
 
 
+def defect_mask(ref, size: tuple[int, int]) -> np.ndarray:
+    """The union of an image's defect masks, read from the files alone (the image is already loaded)."""
+    union = np.zeros(size, bool)
+    for path in ref.mask_paths.values():
+        union |= load_mask(path)
+    return union
+
+
 def percent(metrics: dict) -> dict:
     return {k: round(100 * metrics[k], 2) for k in METRICS}
 
@@ -82,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     held_out = train[::10]
     test = MVTecDataset(args.data, "test")
     images = [load_image_array(r.image_path) for r in test.refs]
-    samples = [test[i] for i in range(len(test))]
-    masks, labels, kinds = [s.mask.numpy() for s in samples], [s.label for s in samples], [s.defect for s in samples]
+    masks = [defect_mask(ref, image.shape[:2]) for ref, image in zip(test.refs, images)]
+    labels, kinds = [int(ref.defect != "good") for ref in test.refs], [ref.defect for ref in test.refs]
     members = {
         "patchcore": PatchCore(args.patchcore_tower, image_size=args.image_size, coreset_ratio=args.coreset_ratio,
                                max_bank_size=args.max_bank_size or None, seed=args.seed, device="cpu"),
