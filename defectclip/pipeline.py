@@ -77,7 +77,7 @@ def _object_of(folder: Path) -> str:
     return folder.name.replace("_", " ")
 
 
-METHOD_NAMES = {"patchcore": "PatchCore", "padim": "PaDiM", "clip_ada": "CLIP-ADA"}
+METHOD_NAMES = {"patchcore": "PatchCore", "padim": "PaDiM", "ensemble": "Ensemble", "clip_ada": "CLIP-ADA"}
 
 
 def backbone_label(spec: str, folder: Path | None = None) -> str:
@@ -106,6 +106,17 @@ def _local_backbone_label(folder: Path) -> str:
     return f"TAB {name}" if (folder / "tab_config.json").is_file() else name
 
 
+def scorer_backbone_label(config: dict, folder: Path) -> str:
+    """The backbone part of a scorer's plain name; an ensemble's names each member's tower."""
+    if config.get("model_type") == "ensemble":
+        labels = []
+        for member in config.get("members", []):
+            member_config = json.loads((folder / member / "config.json").read_text())
+            labels.append(f"{METHOD_NAMES.get(member_config['model_type'], '?')} {backbone_label(member_config['tower'], folder / member)}")
+        return " + ".join(labels)
+    return backbone_label(config.get("tower", ""), folder)
+
+
 def plain_model_name(object_name: str, model_type: str, backbone: str) -> str:
     """What the app's model list shows: object · method · backbone."""
     return f"{object_name or 'any object'} · {METHOD_NAMES.get(model_type, model_type)} · {backbone}"
@@ -114,21 +125,20 @@ def plain_model_name(object_name: str, model_type: str, backbone: str) -> str:
 def load_scorers(
     folder: Path, device: str = "cpu", root: Path | None = None, allow_absolute_tower: bool = True
 ) -> dict[str, InspectionModel]:
-    """Every PatchCore/PaDiM folder under `folder`, keyed by a plain name (object · method · backbone).
+    """Every PatchCore/PaDiM/Ensemble folder under `folder`, keyed by a plain name (object · method · backbone).
 
     Scorers are loaded on `device` (the CPU by default) and moved once with `InspectionPipeline.to`:
     picking CUDA while loading would touch the GPU before a ZeroGPU Space has imported `spaces`.
     `root` is the artifact a scorer's `local-dir:` tower must stay inside (default: its own folder).
     """
-    from .scoring import FeatureScorer, load_config
+    from .scoring import load_config, load_scorer
 
     models = {}
     for model_dir in sorted(p for p in folder.iterdir() if (p / "config.json").is_file()):
         config = load_config(model_dir)
-        scorer = FeatureScorer.from_pretrained(model_dir, device=device, root=root,
-                                               allow_absolute_tower=allow_absolute_tower)
+        scorer = load_scorer(model_dir, device=device, root=root, allow_absolute_tower=allow_absolute_tower)
         object_name = _object_of(model_dir)
-        name = plain_model_name(object_name, config["model_type"], backbone_label(config.get("tower", ""), model_dir))
+        name = plain_model_name(object_name, config["model_type"], scorer_backbone_label(config, model_dir))
         if name in models:  # two folders that differ only in details the plain name leaves out
             name = f"{name} ({model_dir.name})"
         models[name] = InspectionModel(name, object_name, config["model_type"], scorer)
@@ -254,6 +264,9 @@ class InspectionPipeline(Artifact):
     def min_image_side(self, model: str | InspectionModel) -> int:
         """The smallest image side `model` can score (one patch of its coarsest stage); 1 if it has no limit."""
         inspection = model if isinstance(model, InspectionModel) else self.model(model)
+        own = getattr(inspection.scorer, "min_image_side", None)  # an ensemble: its members' largest
+        if own is not None:
+            return int(own)
         features = getattr(inspection.scorer, "features", None)
         return int(getattr(features, "min_size", 1) or 1)
 
@@ -420,6 +433,9 @@ def _move_model(model: Any, device) -> None:
             for key, value in cache.items():
                 cache[key] = value.to(device)
         return
+    if hasattr(model, "members"):  # an ensemble of scorers
+        model.to(device)
+        return
     model.tower.to(device)
     for key, value in vars(model).items():
         if isinstance(value, torch.Tensor):
@@ -437,6 +453,9 @@ def _model_tensors(model: Any) -> dict[str, Any]:
         if isinstance(cache, dict):
             found.update({f"caption_cache/{key}": value for key, value in cache.items()})
         return found
+    if hasattr(model, "members"):  # an ensemble of scorers
+        return {f"member_{index}/{key}": value for index, member in enumerate(model.members)
+                for key, value in _model_tensors(member).items()}
     found = {f"tower.{key}": value for key, value in _model_tensors(model.tower).items()}
     found.update({key: value for key, value in vars(model).items() if isinstance(value, torch.Tensor)})
     return found

@@ -8,11 +8,13 @@ Each method (patchcore.py, padim.py) is only its model of normal patches; the ha
 split by idea, as anomalib splits its torch models from their harness: plan.py (input plans: resize
 or tiles), inputs.py (image input), features.py (patch features), maps.py (anomaly maps),
 thresholds.py (calibration), base.py (the shared FeatureScorer and its artifact folder), errors.py
-(ScoringError).
+(ScoringError). ensemble.py averages several fitted scorers' standardised maps (`Ensemble`);
+`load_scorer` loads whichever of the three a folder holds.
 """
 
 from .base import FeatureScorer, load_config
 from .errors import ScoringError
+from .ensemble import Ensemble, load_scorer
 from .features import default_layers
 from .maps import gaussian_blur
 from .padim import PaDiM
@@ -24,7 +26,7 @@ SCORERS = {"patchcore": PatchCore, "padim": PaDiM}
 
 
 __all__ = [
-    "FeatureScorer", "InputPlan", "MAX_IMAGE_PIXELS", "PaDiM", "PatchCore", "SCORERS", "ScoringError",
-    "calibrate_threshold", "default_layers", "gaussian_blur", "greedy_k_center", "nearest_neighbours", "parse_plan",
-    "select_coreset",
+    "Ensemble", "FeatureScorer", "InputPlan", "MAX_IMAGE_PIXELS", "PaDiM", "PatchCore", "SCORERS", "ScoringError",
+    "calibrate_threshold", "default_layers", "gaussian_blur", "greedy_k_center", "load_config", "load_scorer",
+    "nearest_neighbours", "parse_plan", "select_coreset",
 ]

@@ -464,6 +464,9 @@ def load_config(folder: str | Path) -> dict[str, Any]:
 
 def scorer_class(folder: Path) -> type[FeatureScorer]:
     model_type = load_config(folder).get("model_type")
+    if model_type == "ensemble":
+        raise ScoringError(f"{folder} holds an ensemble of scorers; load it with defectclip.scoring.load_scorer "
+                           "or Ensemble.from_pretrained.")
     if not isinstance(model_type, str) or model_type not in SCORER_TYPES:
         raise ScoringError(f"{folder} holds a {model_type!r} model; expected one of {sorted(SCORER_TYPES)}.")
     return SCORER_TYPES[model_type]

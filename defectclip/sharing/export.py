@@ -36,7 +36,7 @@ from ..errors import DefectclipError
 from ..alphaclip import OFFICIAL_WEIGHTS, AlphaDescriber
 from ..clip_ada import ClipADA
 from ..io import atomic_dir, read_json, write_json_atomic
-from ..scoring import FeatureScorer, default_layers
+from ..scoring import Ensemble, FeatureScorer, default_layers
 from ..tab import CONFIG_NAME as TAB_CONFIG_NAME, TABBackbone, TABConfig, has_projection_head, read_trunk
 from ..towers import VisionTower, split_spec
 from .cards import ALPHACLIP_WEIGHTS, CardInfo, write_model_card
@@ -179,11 +179,27 @@ def export_scorer(source: str | Path | FeatureScorer, out: str | Path, card: Car
     return Path(out)
 
 
+ENSEMBLE_NOT_EXPORTED = ("Exporting an Ensemble with a model card is not supported yet: save it with "
+                         "save_pretrained (it loads with defectclip.scoring.load_scorer, and from a pipeline's "
+                         "scorers/ folder), or export each member scorer on its own.")
+
+
 def as_scorer(source: str | Path | FeatureScorer) -> FeatureScorer:
     if isinstance(source, FeatureScorer):
         return source
+    if isinstance(source, Ensemble) or load_config_if_any(source).get("model_type") == "ensemble":
+        raise ExportError(ENSEMBLE_NOT_EXPORTED)
     # Exporting never needs a GPU: the folder is read on the CPU whatever the machine has.
     return FeatureScorer.from_pretrained(source, device="cpu")
+
+
+def load_config_if_any(source: str | Path) -> dict[str, Any]:
+    """A local scorer folder's config.json, or {} (a Hub id, or a folder without one: the loader explains)."""
+    path = Path(source) / CONFIG_NAME
+    try:
+        return read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def write_scorer(scorer: FeatureScorer, folder: Path, object_name: str | None = None) -> dict[str, Any]:
@@ -408,6 +424,8 @@ def export_artifact(artifact: Any, out: str | Path, card: CardInfo) -> Path:
         return export_tab_backbone(artifact, out, card)
     if isinstance(artifact, FeatureScorer):
         return export_scorer(artifact, out, card)
+    if isinstance(artifact, Ensemble):
+        raise ExportError(ENSEMBLE_NOT_EXPORTED)
     if isinstance(artifact, AlphaDescriber):
         return export_describer(artifact, out, card)
     if isinstance(artifact, ClipADA):
