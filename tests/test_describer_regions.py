@@ -319,6 +319,25 @@ def test_loose_twins_need_loose_copies(tmp_path):
         parse_args(["--dataset", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--loose-twins"])
 
 
+def test_mixed_copies_are_one_for_all_datasets_or_one_per_dataset(tmp_path):
+    from train.alphaclip_lora import mixed_copies_of, parse_args, training_record
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir(), large.mkdir()
+    base = ["--dataset", str(small), str(large), "--output-dir", str(tmp_path / "out"), "--mixed"]
+    each = parse_args([*base, "--mixed-copies", "4", "2"])
+    assert [mixed_copies_of(each, 0), mixed_copies_of(each, 1)] == [4, 2]
+    assert training_record(each)["mixed_copies"] == [4, 2]
+    shared = parse_args([*base, "--mixed-copies", "3"])
+    assert [mixed_copies_of(shared, 0), mixed_copies_of(shared, 1)] == [3, 3]
+    assert training_record(shared)["mixed_copies"] == 3  # as describers trained before recorded it
+    assert mixed_copies_of(parse_args(base[:-1] + ["--mixed-copies", "4", "2"]), 0) == 0  # no --mixed, no copies
+    with pytest.raises(SystemExit, match="one per --dataset \\(2\\), got 3"):
+        parse_args([*base, "--mixed-copies", "4", "2", "1"])
+    with pytest.raises(SystemExit, match="at least 1"):
+        parse_args([*base, "--mixed-copies", "0", "2"])
+
+
 # ------------------------------------------------------------------------------------------- augmentation
 
 

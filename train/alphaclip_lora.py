@@ -99,8 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mixed", action="store_true",
                         help="also train on a mixed-type copy of each image: regions of other types from earlier "
                              "training images Poisson-blended in away from its own (defectclip.data.transplant)")
-    parser.add_argument("--mixed-copies", type=int, default=1,
-                        help="mixed-type copies per training image with --mixed, each with other blended regions")
+    parser.add_argument("--mixed-copies", type=int, nargs="+", default=[1],
+                        help="mixed-type copies per training image with --mixed, each with other blended regions; "
+                             "one number for every --dataset, or one per dataset in their order (a small object "
+                             "can get more copies without multiplying a large one's views in memory)")
     parser.add_argument("--flip-average", action=argparse.BooleanOptionalAction, default=True,
                         help="the saved describer embeds a region as the mean over the four flips of its view "
                              "(training flips at random, so each is a view it knows); --no-flip-average: one view")
@@ -155,8 +157,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--quarter-turn-average averages views turned by 90 degrees: train on them with --rot90-prob > 0")
     if args.normal_regions < 0 or args.balance_objects < 0:
         raise SystemExit("--normal-regions and --balance-objects must be 0 or more")
-    if args.mixed_copies < 1:
+    if min(args.mixed_copies) < 1:
         raise SystemExit("--mixed-copies must be at least 1 (leave out --mixed to train without mixed copies)")
+    if len(args.mixed_copies) not in (1, len(args.dataset)):
+        raise SystemExit(f"--mixed-copies takes one number or one per --dataset ({len(args.dataset)}), "
+                         f"got {len(args.mixed_copies)}")
     if args.view_context < 1.0 or args.view_min_side < 1:
         raise SystemExit("--view-context must be at least 1 and --view-min-side at least 1 px")
     for dataset in args.dataset:
@@ -275,10 +280,17 @@ def load_training_table(describer: AlphaDescriber, args: argparse.Namespace, no_
     else:
         tables = [load_region_views(d, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
                                     args.max_normal_images, args.seed, args.dataset_revision,
-                                    args.mixed_copies if args.mixed else 0,
+                                    mixed_copies_of(args, index),
                                     args.surround, args.loose, args.mixed_placement, args.loose_twins)
-                  for d in args.dataset]
+                  for index, d in enumerate(args.dataset)]
     return tables[0] if len(tables) == 1 else concat_region_tables(tables)
+
+
+def mixed_copies_of(args: argparse.Namespace, dataset_index: int) -> int:
+    """Mixed-type copies per training image of the `dataset_index`-th --dataset (0 without --mixed)."""
+    if not args.mixed:
+        return 0
+    return args.mixed_copies[0] if len(args.mixed_copies) == 1 else args.mixed_copies[dataset_index]
 
 
 def caption_objects(table: RegionTable) -> torch.Tensor:
@@ -399,8 +411,12 @@ def training_record(args: argparse.Namespace) -> dict:
             "alpha_lr", "rgb_lr", "weight_decay", "warmup_steps", "flip_prob", "rot90_prob", "photometric", "lora_targets", "seed", "mixed_precision",
             "view", "normal_regions", "max_normal_images", "loss", "balance_objects", "image_size", "mixed", "mixed_copies", "mixed_placement",
             "surround", "loose", "loose_twins", "flip_average", "quarter_turn_average")
-    return {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
-            for key, value in vars(args).items() if key in keys}
+    record = {key: [str(v) for v in value] if isinstance(value, list) else str(value) if isinstance(value, Path) else value
+              for key, value in vars(args).items() if key in keys}
+    # one number as before (one for every dataset), else one per dataset
+    copies = args.mixed_copies
+    record["mixed_copies"] = copies[0] if len(copies) == 1 else list(copies)
+    return record
 
 
 def hub_datasets(args: argparse.Namespace) -> tuple[str, ...]:
