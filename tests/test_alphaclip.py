@@ -248,6 +248,30 @@ def test_region_views_add_normal_regions_captioned_no_defect(region_dataset):
     assert caption not in plain.captions and len(plain.region_image) == defect_regions
 
 
+def test_two_datasets_in_one_view_table_equal_their_concatenated_tables(region_dataset, tmp_path):
+    """Training adds every dataset to one table (half the peak memory); it must be the same table."""
+    import shutil
+
+    from defectclip.region_dataset import ViewTable, add_region_views, cat_releasing, concat_region_tables, load_region_views
+
+    second = Path(shutil.copytree(region_dataset, tmp_path / "second"))
+    describer = AlphaDescriber.build("tiny:cnn", "tiny:text", image_size=32, view={"context": 2.0, "min_side": 16})
+    options = {"no_defect": {OBJECT: "no defect: a normal area"}, "mixed": 1, "loose": True}
+    expected = concat_region_tables([load_region_views(region_dataset, "train", describer.region_inputs, **options),
+                                     load_region_views(second, "train", describer.region_inputs, **options, seed=1)])
+    table = ViewTable()
+    add_region_views(table, region_dataset, "train", describer.region_inputs, **options)
+    add_region_views(table, second, "train", describer.region_inputs, **options, seed=1)
+    shared = table.finish()
+    for field in ("images", "region_image", "coverage", "caption_index"):
+        assert torch.equal(getattr(shared, field), getattr(expected, field)), field
+    assert (shared.captions, shared.region_object, shared.region_defect) == \
+        (expected.captions, expected.region_object, expected.region_defect)
+    chunks = [torch.arange(6).reshape(3, 2), torch.arange(4).reshape(2, 2)]
+    assert torch.equal(cat_releasing(chunks), torch.cat([torch.arange(6), torch.arange(4)]).reshape(5, 2))
+    assert chunks == []  # each chunk let go as soon as it was copied
+
+
 def test_each_mixed_copy_adds_regions_of_other_types(region_dataset):
     from defectclip.region_dataset import iter_region_records, load_region_views
 

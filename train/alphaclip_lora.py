@@ -33,7 +33,8 @@ from defectclip.alphaclip import (
 )
 from defectclip.alphaclip import CONTEXT_SCALE, MIN_SIDE_PX
 from defectclip.captions import no_defect_caption
-from defectclip.region_dataset import (PLACEMENTS, RegionTable, concat_region_tables, load_region_table, load_region_views,
+from defectclip.region_dataset import (PLACEMENTS, RegionTable, ViewTable, add_region_views, concat_region_tables,
+                                       load_region_table,
                                        read_dataset_candidates)
 from defectclip.data.transforms import normalize
 from defectclip.towers import OFFLINE_TEXT, OFFLINE_VISION
@@ -278,11 +279,14 @@ def load_training_table(describer: AlphaDescriber, args: argparse.Namespace, no_
         tables = [load_region_table(d, args.train_split, describer.image.preprocess, args.dataset_revision)
                   for d in args.dataset]
     else:
-        tables = [load_region_views(d, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
-                                    args.max_normal_images, args.seed, args.dataset_revision,
-                                    mixed_copies_of(args, index),
-                                    args.surround, args.loose, args.mixed_placement, args.loose_twins)
-                  for index, d in enumerate(args.dataset)]
+        # one table for every dataset: each view is concatenated once (the views of two objects at 160 px
+        # are many GB; concatenating per dataset and then again doubled the peak)
+        table = ViewTable()
+        for index, dataset in enumerate(args.dataset):
+            add_region_views(table, dataset, args.train_split, describer.region_inputs, no_defect, args.normal_regions,
+                             args.max_normal_images, args.seed, args.dataset_revision, mixed_copies_of(args, index),
+                             args.surround, args.loose, args.mixed_placement, args.loose_twins)
+        return table.finish()
     return tables[0] if len(tables) == 1 else concat_region_tables(tables)
 
 
