@@ -70,17 +70,19 @@ def build_regions(source: Path, work: Path, name: str, *extra: str) -> Path:
     return out
 
 
-# The describer's recipe (run 11 of benchmarks/results/describer_regions.md, the shipped one): one
+# The describer's recipe (run 12 of benchmarks/results/describer_regions.md, the shipped one): one
 # describer for both development objects, each region seen as a crop around it (the default --view),
 # normal regions captioned "no defect", cross-entropy over the region's own object's captions, the
 # smaller object's regions repeated (--balance-objects), mixed-type copies of the training images and
 # images surrounded by others, contrast jitter and quarter turns, LoRA rank 16 to keep the folder small.
 # --loose (each defect also as a click disk or its mask grown, as the app hands regions over) with
 # --loose-twins (each such outline also on normal surface) is what made app clicks read right; --loose
-# alone (run 10) made clean-surface clicks read as defects.
+# alone (run 10) made clean-surface clicks read as defects. Four mixed copies per magnetic-tile image (the
+# small object: 261 training regions) and two per steel-strip image (run 12: more mixed-type variety where it
+# is scarce; four for both does not fit in 24 GB).
 DESCRIBER_RECIPE = ["--image-size", "160", "--batch-size", "32", "--warmup-steps", "20", "--lr", "5e-4",
                     "--alpha-lr", "3e-3", "--lora-r", "16", "--lora-alpha", "16", "--balance-objects", "0.75",
-                    "--mixed", "--mixed-copies", "2", "--surround", "0.5", "--photometric", "0.3",
+                    "--mixed", "--mixed-copies", "4", "2", "--surround", "0.5", "--photometric", "0.3",
                     "--rot90-prob", "0.5", "--loose", "--loose-twins"]
 
 
