@@ -434,7 +434,8 @@ def _move_model(model: Any, device) -> None:
                 cache[key] = value.to(device)
         return
     if hasattr(model, "members"):  # an ensemble of scorers
-        model.to(device)
+        for member in model.members:
+            _move_model(member, device)
         return
     model.tower.to(device)
     for key, value in vars(model).items():

@@ -64,6 +64,12 @@ def test_a_pasted_blob_scores_higher_than_a_normal_image_and_peaks_inside_it(fit
 def test_saved_ensemble_reloads_to_identical_outputs(fitted, normal_images, blob_image, tmp_path):
     fitted.calibrate([normal_images[11], blob_image], [0, 1])
     folder = fitted.save_pretrained(tmp_path / "ensemble")
+    assert fitted.save_pretrained(folder) == folder  # an earlier save is replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ScoringError, match="holds other files"):
+        fitted.save_pretrained(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "ensemble"
     assert config["members"] == ["member_0_patchcore", "member_1_padim"]
@@ -116,8 +122,9 @@ def test_fits_on_a_dataset_s_normal_images_and_serves_the_pipeline(tiny_cnn, tmp
     ensemble.calibrate(open_dataset(root, split="test"))
     models = tmp_path / "models"
     ensemble.save_pretrained(models / "scorers" / "widget")
-    pipeline = InspectionPipeline.from_pretrained(models, allow_absolute_towers=True)
+    pipeline = InspectionPipeline.from_pretrained(models, allow_absolute_towers=True).to("cpu")
     name, = pipeline.model_names
+    assert all(member.device.type == "cpu" for member in pipeline.model(name).scorer.members)
     assert name.startswith("widget · Ensemble · PatchCore ") and " + PaDiM " in name
     image = (blob_image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     result = pipeline.score(image, name)

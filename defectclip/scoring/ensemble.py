@@ -175,15 +175,6 @@ class Ensemble(Artifact):
         """The smallest image side every member can score."""
         return max(int(getattr(member.features, "min_size", 1) or 1) for member in self.members)
 
-    def to(self, device: str | torch.device) -> "Ensemble":
-        for member in self.members:
-            member.tower.to(device)
-            for key, value in vars(member).items():
-                if isinstance(value, torch.Tensor):
-                    setattr(member, key, value.to(device))
-            member.device = torch.device(device)
-        return self
-
     # ---- saving and loading
 
     def member_folders(self) -> list[str]:
@@ -192,7 +183,7 @@ class Ensemble(Artifact):
     def save_pretrained(self, folder: str | Path) -> Path:
         self._require_fitted()
         folder = Path(folder)
-        if folder.exists() and any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file():
+        if folder.exists() and not _is_earlier_save(folder):
             raise ScoringError(f"{folder} exists and holds other files than a saved model; choose an empty or new folder.")
         return super().save_pretrained(folder)
 
@@ -244,6 +235,15 @@ class Ensemble(Artifact):
         ensemble.calibration = schema.string("calibration", optional=True)
         ensemble.num_train_images = int(schema.number("num_train_images", 0, None, integer=True))
         return ensemble
+
+
+def _is_earlier_save(folder: Path) -> bool:
+    """Only an empty folder or an earlier ensemble save is replaced, never a folder of unrelated files."""
+    if not folder.is_dir():
+        return False
+    names = {p.name for p in folder.iterdir()}
+    return not names or (CONFIG_NAME in names and all(
+        n in (CONFIG_NAME, "README.md") or n.startswith("member_") for n in names))
 
 
 def load_scorer(folder: str | Path, **options: Any) -> FeatureScorer | Ensemble:
