@@ -106,14 +106,11 @@ def _local_backbone_label(folder: Path) -> str:
     return f"TAB {name}" if (folder / "tab_config.json").is_file() else name
 
 
-def scorer_backbone_label(config: dict, folder: Path) -> str:
-    """The backbone part of a scorer's plain name; an ensemble's names each member's tower."""
-    if config.get("model_type") == "ensemble":
-        labels = []
-        for member in config.get("members", []):
-            member_config = json.loads((folder / member / "config.json").read_text())
-            labels.append(f"{METHOD_NAMES.get(member_config['model_type'], '?')} {backbone_label(member_config['tower'], folder / member)}")
-        return " + ".join(labels)
+def scorer_backbone_label(scorer: Any, config: dict, folder: Path) -> str:
+    """The backbone part of a scorer's plain name; an ensemble's names each loaded member's tower."""
+    members = getattr(scorer, "members", None)
+    if members is not None:
+        return " + ".join(f"{METHOD_NAMES.get(m.model_type, m.model_type)} {backbone_label(m.tower.spec)}" for m in members)
     return backbone_label(config.get("tower", ""), folder)
 
 
@@ -138,7 +135,7 @@ def load_scorers(
         config = load_config(model_dir)
         scorer = load_scorer(model_dir, device=device, root=root, allow_absolute_tower=allow_absolute_tower)
         object_name = _object_of(model_dir)
-        name = plain_model_name(object_name, config["model_type"], scorer_backbone_label(config, model_dir))
+        name = plain_model_name(object_name, config["model_type"], scorer_backbone_label(scorer, config, model_dir))
         if name in models:  # two folders that differ only in details the plain name leaves out
             name = f"{name} ({model_dir.name})"
         models[name] = InspectionModel(name, object_name, config["model_type"], scorer)

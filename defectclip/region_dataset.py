@@ -464,7 +464,6 @@ def cat_releasing(chunks: list[torch.Tensor]) -> torch.Tensor:
         chunk = chunks.pop()
         out[start:start + len(chunk)] = chunk
         start += len(chunk)
-        del chunk
     return out
 
 

@@ -78,11 +78,15 @@ def write_model_files(folder: Path, config: dict[str, Any], tensors: dict[str, t
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / WEIGHTS_NAME))
 
 
-def _is_replaceable(folder: Path) -> bool:
-    """Only an empty folder or an earlier save is overwritten, never a folder of unrelated files."""
+def _is_replaceable(folder: Path, member_prefix: str | None = None) -> bool:
+    """Only an empty folder or an earlier save is overwritten, never a folder of unrelated files
+    (`member_prefix`: an ensemble's save also holds its members' sub-folders, named so)."""
     if not folder.is_dir():
         return False
-    return {p.name for p in folder.iterdir()} <= {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+    names = {p.name for p in folder.iterdir()}
+    if member_prefix is not None:
+        names = {n for n in names if not n.startswith(member_prefix)}
+    return names <= {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
 
 
 def read_model_folder(
@@ -317,13 +321,7 @@ class FeatureScorer(Artifact, abc.ABC):
         With labels (1 = anomalous; a dataset brings its own) holding both classes, the threshold is
         the F1-optimal image score; otherwise it is the `quantile` of the normal images' scores.
         """
-        source = as_image_source(images)
-        if labels is None:
-            labels = dataset_labels(source)
-        scores = [result.score for result in self.predict(source)]
-        calibration = calibrate_threshold(scores, labels, quantile)
-        self.threshold, self.calibration = calibration.threshold, calibration.method
-        return self.threshold
+        return calibrate_model(self, images, labels, quantile)
 
     # ---- saving and loading
 
@@ -451,6 +449,16 @@ BASE_CONFIG_KEYS = {
 }
 # Keys a folder written by an older version may lack, and what their absence means.
 OPTIONAL_CONFIG_KEYS = {"plan"}  # absent = the resize plan, the only one there was
+
+
+def calibrate_model(model: Any, images: Any, labels: Sequence[int] | None, quantile: float) -> float:
+    """Set `model.threshold` / `model.calibration` from its scores on `images` (see FeatureScorer.calibrate)."""
+    source = as_image_source(images)
+    if labels is None:
+        labels = dataset_labels(source)
+    calibration = calibrate_threshold([result.score for result in model.predict(source)], labels, quantile)
+    model.threshold, model.calibration = calibration.threshold, calibration.method
+    return model.threshold
 
 
 # model_type -> class, filled as PatchCore and PaDiM are defined.

@@ -30,13 +30,15 @@ from ..errors import ArtifactError
 from ..io import write_json_atomic
 from ..results import AnomalyResult
 from ..schema import Config
-from .base import CONFIG_NAME, FORMAT_VERSION, FeatureScorer, _require_same_keys, load_config
+from .base import (CONFIG_NAME, FORMAT_VERSION, FeatureScorer, _is_replaceable, _require_same_keys, calibrate_model,
+                   load_config)
 from .errors import ScoringError
-from .inputs import as_image_source, dataset_labels, normal_subset
-from .thresholds import DEFAULT_QUANTILE, calibrate_threshold, json_threshold
+from .inputs import as_image_source, normal_subset
+from .thresholds import DEFAULT_QUANTILE, json_threshold
 
 MODEL_TYPE = "ensemble"
 DEFAULT_HELD_OUT_EVERY = 10
+MEMBER_PREFIX = "member_"  # the members' sub-folders: member_0_patchcore, ...
 CONFIG_KEYS = {"model_type", "format_version", "members", "held_out_every", "map_mean", "map_std", "threshold",
                "calibration", "num_train_images"}
 
@@ -157,12 +159,7 @@ class Ensemble(Artifact):
 
     def calibrate(self, images: Any, labels: Sequence[int] | None = None, quantile: float = DEFAULT_QUANTILE) -> float:
         """Set the decision threshold as `FeatureScorer.calibrate` does, on the ensemble's scores."""
-        source = as_image_source(images)
-        if labels is None:
-            labels = dataset_labels(source)
-        calibration = calibrate_threshold([result.score for result in self.predict(source)], labels, quantile)
-        self.threshold, self.calibration = calibration.threshold, calibration.method
-        return self.threshold
+        return calibrate_model(self, images, labels, quantile)
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -178,12 +175,12 @@ class Ensemble(Artifact):
     # ---- saving and loading
 
     def member_folders(self) -> list[str]:
-        return [f"member_{index}_{member.model_type}" for index, member in enumerate(self.members)]
+        return [f"{MEMBER_PREFIX}{index}_{member.model_type}" for index, member in enumerate(self.members)]
 
     def save_pretrained(self, folder: str | Path) -> Path:
         self._require_fitted()
         folder = Path(folder)
-        if folder.exists() and not _is_earlier_save(folder):
+        if folder.exists() and not _is_replaceable(folder, MEMBER_PREFIX):
             raise ScoringError(f"{folder} exists and holds other files than a saved model; choose an empty or new folder.")
         return super().save_pretrained(folder)
 
@@ -235,15 +232,6 @@ class Ensemble(Artifact):
         ensemble.calibration = schema.string("calibration", optional=True)
         ensemble.num_train_images = int(schema.number("num_train_images", 0, None, integer=True))
         return ensemble
-
-
-def _is_earlier_save(folder: Path) -> bool:
-    """Only an empty folder or an earlier ensemble save is replaced, never a folder of unrelated files."""
-    if not folder.is_dir():
-        return False
-    names = {p.name for p in folder.iterdir()}
-    return not names or (CONFIG_NAME in names and all(
-        n in (CONFIG_NAME, "README.md") or n.startswith("member_") for n in names))
 
 
 def load_scorer(folder: str | Path, **options: Any) -> FeatureScorer | Ensemble:
