@@ -63,6 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (coreset start and projection, PaDiM channels)")
     parser.add_argument("--image-size", type=int, default=None, help="model input size (square), pixels (default: 224, or the tile size with a tiles plan)")
     parser.add_argument("--plan", default="resize", help="input plan: 'resize' or 'tiles:<tile>[:<overlap>]' (native-resolution tiles)")
+    parser.add_argument("--photometric", default="none", choices=["none", "match"],
+                        help="'match': every image brought to the training images' median brightness and contrast")
     parser.add_argument("--max-train", type=int, default=None, help="cap on train/good images per category")
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images per category")
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore memory bank fraction")
@@ -128,11 +130,11 @@ def method_kwargs(method: str, args: argparse.Namespace) -> dict:
     return {"d": args.padim_d}
 
 
-def build_model(tower, method: str, seed: int, args: argparse.Namespace):
+def build_model(tower, method: str, seed: int, args: argparse.Namespace, photometric=None):
     image_size = args.image_size if args.image_size is not None or args.plan != "resize" else 224
     return SCORERS[method](
         tower, image_size=image_size, seed=seed, device=args.device, batch_size=args.batch_size,
-        plan=args.plan, **method_kwargs(method, args),
+        plan=args.plan, photometric=photometric or args.photometric, **method_kwargs(method, args),
     )
 
 
@@ -148,6 +150,7 @@ def run_method(tower, method: str, train, test: TestSet, args: argparse.Namespac
     """Every seed of one (tower, method): features extracted once, each seed fitted and scored on them."""
     extractor = build_model(tower, method, args.seeds[0], args)
     start = time.perf_counter()
+    extractor.fit_photometric(train)  # learnt from the normal images, as fit() would, before any feature
     train_features = half(list(extractor.embed(train)))
     embed_train_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -155,7 +158,7 @@ def run_method(tower, method: str, train, test: TestSet, args: argparse.Namespac
     embed_test_ms = 1000 * (time.perf_counter() - start) / len(test.images)
     rows = []
     for seed in args.seeds:
-        model = build_model(tower, method, seed, args)
+        model = build_model(tower, method, seed, args, photometric=extractor.photometric)
         start = time.perf_counter()
         model.fit_embedded(train_features, len(train))
         fit_s = time.perf_counter() - start

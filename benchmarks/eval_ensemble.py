@@ -43,6 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--coreset-ratio", type=float, default=0.01)
     parser.add_argument("--max-bank-size", type=int, default=0, help="PatchCore bank cap (0: the library default)")
+    parser.add_argument("--photometric", default="none", choices=["none", "match"],
+                        help="'match': every image brought to the training images' median brightness and contrast")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/eval_ensemble.json", help="result file (default under runs/, ignored by git)")
@@ -74,8 +76,8 @@ def one_seed(args: argparse.Namespace, seed: int, train: list, images: list, mas
     start = time.perf_counter()
     ensemble = Ensemble([
         PatchCore(args.patchcore_tower, image_size=args.image_size, coreset_ratio=args.coreset_ratio,
-                  max_bank_size=args.max_bank_size or None, seed=seed, device="cpu"),
-        PaDiM(args.padim_tower, image_size=args.image_size, seed=seed, device="cpu"),
+                  max_bank_size=args.max_bank_size or None, seed=seed, device="cpu", photometric=args.photometric),
+        PaDiM(args.padim_tower, image_size=args.image_size, seed=seed, device="cpu", photometric=args.photometric),
     ]).fit(train)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -14,6 +14,10 @@ builds fit a CPU.
 Full-data PatchCore on the same trunk and input size is measured too (all train/good images,
 `--full-coreset` of the patches), as the reference the k = 16 AUROC is compared with.
 
+With `--photometric match` (the default, as in the app) every image is brought to the references'
+median brightness and contrast; that target differs per draw, so the test features are extracted
+again for every draw, and the full-data PatchCore matches to its own training images' median.
+
 Image scores are the maximum of the smoothed map at the model input size (PatchCore's predict
 resizes that map to each image's size before taking the maximum: the same number up to the
 bilinear resize).
@@ -53,6 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-test", type=int, default=None, help="cap on test images (a labelled subset)")
     parser.add_argument("--full-coreset", type=float, default=0.01,
                         help="coreset ratio of the full-data PatchCore reference (0 = skip it)")
+    parser.add_argument("--photometric", default="match", choices=["none", "match"],
+                        help="'match' (the app's default): images brought to the references' median exposure")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default="benchmarks/results/few_shot", help="output prefix (.json)")
     return parser.parse_args(argv)
@@ -112,20 +118,29 @@ def mean_sd(values: Sequence[float]) -> list[float]:
 # runs
 
 
-def few_shot_run(args, tower, extractor, train_paths, test_blocks, labels, k: int, draw: int) -> dict:
+def matched_test_blocks(scorer: PatchCore, test_images: list[np.ndarray], cached: torch.Tensor) -> torch.Tensor:
+    """The test patches as `scorer` sees them: re-extracted when its exposure target came from its own
+    references (it differs per draw), the cached ones otherwise."""
+    if scorer.photometric.mode == "none":
+        return cached
+    return torch.stack(embed_patches(scorer, test_images))
+
+
+def few_shot_run(args, tower, extractor, train_paths, test_blocks, labels, k: int, draw: int, test_images) -> dict:
     rng = np.random.default_rng(1000 * k + draw)
     chosen = sorted(rng.choice(len(train_paths), size=k, replace=False).tolist())
     references = [load_image_array(train_paths[i]) for i in chosen]
     started, started_cpu = time.perf_counter(), time.process_time()
-    scorer, report = fit_few_shot(references, tower, image_size=args.image_size, seed=draw)
+    scorer, report = fit_few_shot(references, tower, image_size=args.image_size, seed=draw, photometric=args.photometric)
     # CPU time is the target's measure (one thread): wall time on a shared machine counts other jobs too
     build_s, build_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
-    scores = bank_scores(extractor, test_blocks, scorer.memory_bank)
+    scores = bank_scores(extractor, matched_test_blocks(scorer, test_images, test_blocks), scorer.memory_bank)
     auto = balanced_accuracy(labels, scores, scorer.threshold)
     best = best_balanced_accuracy(labels, scores)
     return {
         "k": k, "draw": draw, "references": [train_paths[i].name for i in chosen], "build_s": build_s, "build_cpu_s": build_cpu_s,
         "image_auroc": image_auroc(labels, scores), "threshold": scorer.threshold,
+        "photometric": scorer.photometric.to_dict(),
         "balanced_accuracy_auto": auto, "balanced_accuracy_best": best, "ratio": auto / best,
         "flagged_normal": float((scores[labels == 0] >= scorer.threshold).mean()),
         "flagged_defective": float((scores[labels == 1] >= scorer.threshold).mean()),
@@ -136,12 +151,13 @@ def few_shot_run(args, tower, extractor, train_paths, test_blocks, labels, k: in
     }
 
 
-def full_data_run(args, tower, train_paths, test_blocks, labels) -> dict:
+def full_data_run(args, tower, train_paths, test_blocks, labels, test_images) -> dict:
     started = time.perf_counter()
-    scorer = PatchCore(tower, image_size=args.image_size, coreset_ratio=args.full_coreset).fit(train_paths)
+    scorer = PatchCore(tower, image_size=args.image_size, coreset_ratio=args.full_coreset,
+                       photometric=args.photometric).fit(train_paths)
     fit_s = time.perf_counter() - started
-    scores = bank_scores(scorer, test_blocks, scorer.memory_bank)
-    return {"num_train": len(train_paths), "coreset_ratio": args.full_coreset, "bank_size": int(scorer.memory_bank.shape[0]),
+    scores = bank_scores(scorer, matched_test_blocks(scorer, test_images, test_blocks), scorer.memory_bank)
+    return {"num_train": len(train_paths), "coreset_ratio": args.full_coreset, "photometric": scorer.photometric.to_dict(), "bank_size": int(scorer.memory_bank.shape[0]),
             "fit_s": fit_s, "image_auroc": image_auroc(labels, scores),
             "balanced_accuracy_best": best_balanced_accuracy(labels, scores)}
 
@@ -177,19 +193,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     root = Path(args.data)
     tower = build_vision_tower(args.tower)
-    extractor = PatchCore(tower, image_size=args.image_size, coreset_ratio=1.0)
+    extractor = PatchCore(tower, image_size=args.image_size, coreset_ratio=1.0, photometric="none")
     train_paths = [ref.image_path for ref in MVTecDataset(root, "train").refs]
     test_paths, labels = test_set(root, args.max_test)
     started = time.perf_counter()
-    test_blocks = torch.stack(embed_patches(extractor, [load_image_array(p) for p in test_paths]))
+    test_images = [load_image_array(p) for p in test_paths]
+    test_blocks = torch.stack(embed_patches(extractor, test_images))
     print(json.dumps({"test_images": len(test_paths), "defective": int(labels.sum()),
                       "feature_s": time.perf_counter() - started}), flush=True)
     runs = []
     for k in args.ks:
         for draw in range(args.draws):
-            runs.append(few_shot_run(args, tower, extractor, train_paths, test_blocks, labels, k, draw))
+            runs.append(few_shot_run(args, tower, extractor, train_paths, test_blocks, labels, k, draw, test_images))
             print(json.dumps({key: v for key, v in runs[-1].items() if key not in QUIET}), flush=True)
-    full = full_data_run(args, tower, train_paths, test_blocks, labels) if args.full_coreset > 0 else None
+    full = full_data_run(args, tower, train_paths, test_blocks, labels, test_images) if args.full_coreset > 0 else None
     if full:
         print(json.dumps({"full_data_patchcore": full}), flush=True)
     result = {

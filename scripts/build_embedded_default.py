@@ -112,7 +112,7 @@ def store_trunk_in_half_precision(tab: Path, out: Path) -> Path:
     return out
 
 
-def fit_patchcore(tile: Path, tower_dir: Path, out: Path, image_size: int, coreset_ratio: float) -> dict:
+def fit_patchcore(tile: Path, tower_dir: Path, out: Path, image_size: int, coreset_ratio: float, photometric: str) -> dict:
     """PatchCore on the TAB trunk; threshold F1-calibrated on the even-numbered test images."""
     from defectclip.data import MVTecDataset
     from defectclip.metrics import image_auroc
@@ -122,7 +122,7 @@ def fit_patchcore(tile: Path, tower_dir: Path, out: Path, image_size: int, cores
     test = MVTecDataset(tile, "test")
     calibration = [r for i, r in enumerate(test.refs) if i % 2 == 0]
     held_out = [r for i, r in enumerate(test.refs) if i % 2 == 1]
-    scorer = PatchCore(f"local-dir:{tower_dir}", image_size=image_size, coreset_ratio=coreset_ratio)
+    scorer = PatchCore(f"local-dir:{tower_dir}", image_size=image_size, coreset_ratio=coreset_ratio, photometric=photometric)
     scorer.fit([r.image_path for r in train.refs])
     scorer.calibrate([r.image_path for r in calibration], [int(r.defect != "good") for r in calibration])
     scorer.save_pretrained(out)
@@ -130,7 +130,8 @@ def fit_patchcore(tile: Path, tower_dir: Path, out: Path, image_size: int, cores
     results = scorer.predict([r.image_path for r in held_out])
     auroc = image_auroc([int(r.defect != "good") for r in held_out], [r.score for r in results])
     return {"held_out_image_auroc": round(float(auroc), 4), "threshold": scorer.threshold,
-            "held_out_images": len(held_out), "image_size": image_size, "coreset_ratio": coreset_ratio}
+            "held_out_images": len(held_out), "image_size": image_size, "coreset_ratio": coreset_ratio,
+            "photometric": scorer.photometric.to_dict()}
 
 
 def _point_tower_at_shipped_copy(scorer_dir: Path) -> None:
@@ -165,6 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip-ada-steps", type=int, default=50, help="CLIP-ADA training steps")
     parser.add_argument("--patchcore-size", type=int, default=224, help="PatchCore input size")
     parser.add_argument("--coreset-ratio", type=float, default=0.01, help="PatchCore coreset ratio")
+    # Magnetic tiles are shot at many exposures: matching them lifted full-data PatchCore by 4-7 image
+    # AUROC points (benchmarks/results/photometric.md).
+    parser.add_argument("--photometric", default="match", choices=["none", "match"], help="PatchCore exposure matching")
     parser.add_argument("--reuse-runs", action="store_true",
                         help="keep training runs already finished in --work instead of training again")
     return parser.parse_args(argv)
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
     trunk = store_trunk_in_half_precision(tab, staging / "tab_backbone")
     shutil.copy2(tab / "tab_config.json", trunk / "tab_config.json")
     patchcore = fit_patchcore(tile, trunk, staging / "scorers" / "magnetic_tile_patchcore",
-                              args.patchcore_size, args.coreset_ratio)
+                              args.patchcore_size, args.coreset_ratio, args.photometric)
     copy_artifact(describer / "model", staging / "describer")
     copy_artifact(clip_ada / "model", staging / "clip_ada")
     build = {"command": "python scripts/build_embedded_default.py " + " ".join(argv or sys.argv[1:]),

@@ -295,6 +295,20 @@ def test_pushed_patchcore_predicts_identically_from_a_clean_cache(fake_hub, patc
     assert namespace["result"].anomaly_map.shape == (48, 64)
 
 
+def test_an_exposure_matched_scorer_says_so_on_its_card_and_keeps_it_after_a_push(fake_hub, tmp_path):
+    images = normal_images(6)
+    model = PatchCore("tiny:cnn", coreset_ratio=0.5, device="cpu", photometric="match").fit(images[:4])
+    model.calibrate(images[4:])
+    out = export_scorer(model, tmp_path / "export", CardInfo(repo_id="patchcore-matched"), object_name=OBJECT)
+    card = (out / "README.md").read_text()
+    assert "median brightness and contrast" in card and f"{model.photometric.mean:.3f}" in card
+    push(out, "defectclip/patchcore-matched")
+    pulled = FeatureScorer.from_pretrained(snapshot_download("defectclip/patchcore-matched"))
+    assert pulled.photometric == model.photometric
+    darker = (images[5] * 0.6).clamp(0, 1)
+    assert pulled.predict([darker])[0].score == model.predict([darker])[0].score
+
+
 def test_scorer_card_model_index_equals_the_benchmark_json(patchcore, tmp_path):
     results_file = write_benchmark(tmp_path / "scoring.json")
     card = CardInfo(repo_id="defectclip/patchcore-widget", benchmarks=(scoring_benchmark(results_file),))

@@ -19,6 +19,7 @@ from .features import default_layers
 from .maps import gaussian_blur
 from .padim import PaDiM
 from .patchcore import PatchCore, greedy_k_center, nearest_neighbours, select_coreset
+from .photometric import Photometric, parse_photometric
 from .plan import MAX_IMAGE_PIXELS, InputPlan, parse_plan
 from .thresholds import calibrate_threshold
 
@@ -26,7 +27,7 @@ SCORERS = {"patchcore": PatchCore, "padim": PaDiM}
 
 
 __all__ = [
-    "Ensemble", "FeatureScorer", "InputPlan", "MAX_IMAGE_PIXELS", "PaDiM", "PatchCore", "SCORERS", "ScoringError",
-    "calibrate_threshold", "default_layers", "gaussian_blur", "greedy_k_center", "load_config", "load_scorer",
-    "nearest_neighbours", "parse_plan", "select_coreset",
+    "Ensemble", "FeatureScorer", "InputPlan", "MAX_IMAGE_PIXELS", "PaDiM", "PatchCore", "Photometric", "SCORERS",
+    "ScoringError", "calibrate_threshold", "default_layers", "gaussian_blur", "greedy_k_center", "load_config",
+    "load_scorer", "nearest_neighbours", "parse_photometric", "parse_plan", "select_coreset",
 ]

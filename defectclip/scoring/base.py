@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..artifacts import Artifact
-from ..data import Preprocess
+from ..data import Preprocess, image_to_tensor
 from ..errors import ArtifactError, DefectclipError
 from ..io import read_json_object, write_json_atomic
 from ..results import AnomalyResult
@@ -30,6 +30,7 @@ from .features import PatchFeatures, ViewBatch, check_layers, default_layers, in
 from .inference import resolve_inference
 from .inputs import as_image_source, chunked, dataset_labels, iter_view_groups, normal_subset
 from .maps import DEFAULT_SIGMA, patch_scores_to_maps
+from .photometric import Photometric, parse_photometric
 from .plan import InputPlan, crop, parse_plan, stitch
 from .thresholds import DEFAULT_QUANTILE, calibrate_threshold, json_threshold
 
@@ -166,12 +167,14 @@ class FeatureScorer(Artifact, abc.ABC):
         batch_size: int,
         plan: InputPlan | str | None = None,
         inference: str = "auto",
+        photometric: Photometric | str | dict | None = None,
     ):
         """`inference`: how the frozen tower runs (see `inference.py`): "exact", "folded" (BatchNorm
         folded into the convolutions: the same features up to float rounding, faster), "bf16" (the
         folded tower in bfloat16) or "auto" (bf16 on an AMX CPU for methods whose quality was measured
         with it, `bf16_features`; folded on other CPUs; exact on a GPU). Not saved with the model: it
-        is a property of the machine, like the search."""
+        is a property of the machine, like the search. `photometric`: "none" (default) or "match":
+        every image brought to the training images' usual brightness and contrast (see photometric.py)."""
         if batch_size < 1:
             raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
         try:
@@ -179,6 +182,7 @@ class FeatureScorer(Artifact, abc.ABC):
         except ArtifactError as err:
             raise ScoringError(f"{err} (0 turns smoothing off; the papers use {DEFAULT_SIGMA:g}).") from None
         self.plan = parse_plan(plan)
+        self.photometric = parse_photometric(photometric)
         self.device = resolve_device(device)
         self.tower = build_tower(tower).to(self.device).eval()
         self.layers = check_layers(self.tower, layers or default_layers(self.tower, self.default_reductions))
@@ -227,6 +231,7 @@ class FeatureScorer(Artifact, abc.ABC):
     def fit(self, images: Any) -> "FeatureScorer":
         """Learn what normal patches look like from defect-free images (or a dataset's normal ones)."""
         normal = normal_subset(images)
+        self.fit_photometric(normal)
         # The state is learnt from the exact tower whatever `inference` says: the coreset's greedy
         # selection amplifies the smallest feature change into another bank (float32 BatchNorm folding
         # alone, ~1e-7 relative, moved image AUROC by 0.4 point on the full magnetic tile, as another
@@ -234,12 +239,27 @@ class FeatureScorer(Artifact, abc.ABC):
         # Fitting costs the extraction once per training image; scoring is what runs on every image.
         return self.fit_embedded(self.embed(normal, exact=True), len(normal))
 
+    def fit_photometric(self, images: Any) -> Photometric:
+        """Learn the exposure targets of a "match" photometric from normal images (one decoding pass;
+        nothing to learn for "none"). fit() calls it; call it before `embed` when fitting with
+        `fit_embedded`."""
+        if self.photometric.mode != "none":
+            source = as_image_source(images)
+            self.photometric = parse_photometric(self.photometric.mode).fitted_to(
+                image_to_tensor(source[i]) for i in range(len(source))
+            )
+        return self.photometric
+
     def fit_embedded(self, batches: Iterable[ViewBatch], num_images: int) -> "FeatureScorer":
         """fit() on features from `embed` (so one extraction can serve several seeds or methods).
 
         With a tiles plan every tile is a training sample: PatchCore's bank and PaDiM's per-position
-        statistics are shared by all tiles.
+        statistics are shared by all tiles. The features must come from `embed` under this scorer's
+        photometric setting (fitted first with `fit_photometric`).
         """
+        if not self.photometric.is_fitted:
+            raise ScoringError("photometric 'match' has no target exposure: call fit_photometric(normal images) "
+                               "before embedding them, or use fit().")
         self._fit_batches(batch.embedding.float() for batch in batches)
         self._check_state_finite()
         self.num_train_images = int(num_images)
@@ -254,9 +274,12 @@ class FeatureScorer(Artifact, abc.ABC):
         runner = self.features.runner(exact)  # once per call: the weights do not change during it
         dtype = input_dtype(runner)
         for group in groups:
+            # one gain and offset per whole image, so that every tile of it gets the same
+            affines = [self.photometric.affine(image) for image in group.images]
             embeddings = [
                 self.features.embed(
-                    self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device, dtype),
+                    self.features.model_input([crop(group.images[i], box) for i, box in chunk], self.device, dtype,
+                                              [affines[i] for i, _ in chunk]),
                     runner=runner,
                 )
                 for chunk in chunked(group.windows, self.batch_size)
@@ -351,6 +374,7 @@ class FeatureScorer(Artifact, abc.ABC):
             "calibration": self.calibration,
             "num_train_images": self.num_train_images,
             "plan": self.plan.to_dict(),
+            "photometric": self.photometric.to_dict(),
             **self._method_config(),
         }
 
@@ -392,6 +416,9 @@ class FeatureScorer(Artifact, abc.ABC):
             scorer = cls._from_config(config, built, preprocess, device)
         except ScoringError as err:
             raise ArtifactError(f"{Path(folder) / CONFIG_NAME} does not fit its tower: {err}") from err
+        if not scorer.photometric.is_fitted:
+            raise ArtifactError(f"{Path(folder) / CONFIG_NAME}: photometric 'match' without its target mean and std; "
+                                "refit the model (or set photometric to 'none').")
         scorer.preprocess = preprocess
         scorer.features = PatchFeatures(scorer.tower, scorer.layers, preprocess, cls.local_average,
                                         scorer.inference_mode)
@@ -440,15 +467,17 @@ class FeatureScorer(Artifact, abc.ABC):
         """Construct the method's scorer from a saved config, before its state is set."""
         own = {key: config[key] for key in cls.constructor_keys}
         return cls(tower, layers=config["layers"], image_size=preprocess.size, sigma=config["sigma"],
-                   seed=config["seed"], device=device, plan=config.get("plan"), **own)
+                   seed=config["seed"], device=device, plan=config.get("plan"),
+                   photometric=config.get("photometric"), **own)
 
 
 BASE_CONFIG_KEYS = {
     "model_type", "format_version", "tower", "layers", "preprocess", "sigma", "seed", "threshold",
-    "calibration", "num_train_images", "plan",
+    "calibration", "num_train_images", "plan", "photometric",
 }
 # Keys a folder written by an older version may lack, and what their absence means.
-OPTIONAL_CONFIG_KEYS = {"plan"}  # absent = the resize plan, the only one there was
+# absent "plan" = the resize plan, absent "photometric" = "none": the only ones there were
+OPTIONAL_CONFIG_KEYS = {"plan", "photometric"}
 
 
 def calibrate_model(model: Any, images: Any, labels: Sequence[int] | None, quantile: float) -> float:

@@ -19,6 +19,7 @@ from ..towers import VisionTower
 from . import native
 from .errors import ScoringError
 from .inference import inference_tower
+from .photometric import apply_affine
 from .plan import Box
 
 
@@ -78,14 +79,18 @@ class PatchFeatures:
         self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
         check_model_size(preprocess.size, self.min_size, tower.spec)
 
-    def model_input(self, images: list[torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Resize and normalise a list of differently sized images into one batch of `dtype`."""
+    def model_input(self, images: list[torch.Tensor], device: torch.device, dtype: torch.dtype = torch.float32,
+                    affines: Sequence[tuple[float, float] | None] | None = None) -> torch.Tensor:
+        """Resize and normalise a list of differently sized images into one batch of `dtype`;
+        `affines`: a (gain, offset) per image applied after the resize (photometric matching)."""
         for image in images:
             check_image_size(image, self.min_size, self.tower.spec)
         size, interpolation = self.preprocess.size, self.preprocess.interpolation
         # Each image is resized on its own (sizes differ); the batch is normalised with one op rather
         # than a few per image, which mattered on a busy CPU where every op waits for both threads.
         resized = [resize(image, size, interpolation) for image in images]
+        if affines is not None:
+            resized = [apply_affine(image, affine) for image, affine in zip(resized, affines)]
         scale, shift = self._normalization(device)
         if dtype == torch.bfloat16 and device.type == "cpu" and native.available()[0]:
             # One pass instead of four (normalise, lay out, round): 0.6 -> ~0.1 ms an image at 224 px.

@@ -43,6 +43,8 @@ from .maps import patch_scores_to_maps
 from .patchcore import PatchCore, flatten_patches
 
 MAX_REFERENCES = 16
+# Few-shot scoring brings images to the references' exposure by default: benchmarks/results/few_shot.md
+DEFAULT_PHOTOMETRIC = "match"
 # At least this many normal and this many synthetic-defect scores go into the threshold: fewer make
 # the fitted spreads meaningless, more cost a feature pass each (the 16-reference build has 3 s).
 MIN_SAMPLES = 8
@@ -109,25 +111,39 @@ def fit_few_shot(
     image_size: int | Sequence[int] | None = None,
     seed: int = 0,
     device: str | torch.device | None = "auto",
+    photometric: str = DEFAULT_PHOTOMETRIC,
 ) -> tuple[PatchCore, FewShotReport]:
-    """A PatchCore bank of every patch of the usable references, and its threshold (see module doc)."""
+    """A PatchCore bank of every patch of the usable references, and its threshold (see module doc).
+
+    `photometric="match"` (the default) brings every image, references and scored ones alike, to the
+    references' median brightness and contrast (scoring/photometric.py): a few references cover few
+    exposures."""
     check_reference_count(len(images))
     arrays = [as_uint8_rgb(image) for image in images]
     # Every reference patch is kept (no coreset, no cap): a few images give too few patches to thin out.
-    scorer = PatchCore(tower, image_size=image_size, coreset_ratio=1.0, max_bank_size=None, seed=seed, device=device)
+    scorer = PatchCore(tower, image_size=image_size, coreset_ratio=1.0, max_bank_size=None, seed=seed, device=device,
+                       photometric=photometric)
     report = FewShotReport(given=len(arrays), used=[])
     candidates = _drop_duplicates(arrays, report)
     candidates = _drop_blank(arrays, candidates, report)
     if not candidates:
         raise FewShotError("Every reference image is blank (a single flat colour); upload photos of the product.")
+    scorer.fit_photometric([arrays[i] for i in candidates])  # a median: an outlier reference moves it little
     blocks = embed_patches(scorer, [arrays[i] for i in candidates])
     # Every reference against every reference block, once: the outlier check and the normal scores
     # both read it, each leaving the reference's own block out.
     cross = [block_distances(block, blocks) for block in blocks]
     kept = _drop_outliers(scorer, cross, candidates, report)
     report.used = [candidates[i] for i in kept]
-    blocks = [blocks[i] for i in kept]
-    cross = [cross[i][:, kept] for i in kept]
+    if len(kept) < len(candidates) and scorer.photometric.mode != "none":
+        # The odd reference moved the exposure target: learn it again without it, and embed the kept
+        # references again under it (a second pass only when a reference was left out).
+        scorer.fit_photometric([arrays[i] for i in report.used])
+        blocks = embed_patches(scorer, [arrays[i] for i in report.used])
+        cross = [block_distances(block, blocks) for block in blocks]
+    else:
+        blocks = [blocks[i] for i in kept]
+        cross = [cross[i][:, kept] for i in kept]
     references = [arrays[i] for i in report.used]
     holdout = Holdout.of(scorer, blocks, cross)
     rng = np.random.default_rng(seed)
@@ -201,8 +217,9 @@ def embed_patches(scorer: PatchCore, images: Sequence[np.ndarray]) -> list[torch
     blocks = []
     for start in range(0, len(images), scorer.batch_size):
         batch = [as_image_tensor(image) for image in images[start : start + scorer.batch_size]]
+        affines = [scorer.photometric.affine(image) for image in batch]
         # the exact tower, as PatchCore.fit uses: the bank and its threshold do not depend on the machine
-        embedding = scorer.features.embed(scorer.features.model_input(batch, scorer.device), exact=True)
+        embedding = scorer.features.embed(scorer.features.model_input(batch, scorer.device, affines=affines), exact=True)
         patches = flatten_patches(embedding).view(len(batch), -1, embedding.shape[1])
         blocks.extend(patches.unbind(0))
     return blocks
@@ -323,7 +340,9 @@ def _synthetic_defect(references: list[np.ndarray], i: int, n: int, rng: np.rand
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, flips: bool = True) -> np.ndarray:
-    """Another plausible photo of the same good part: a flip, a 85-95 % crop zoomed back, a 10 % gain."""
+    """Another plausible photo of the same good part: a flip, a 85-95 % crop zoomed back, and light
+    that falls off across the part (a gain ramp of 0.9-1.1 from one side to the other). A ramp rather
+    than one gain: exposure matching (photometric "match") undoes a uniform gain, not uneven light."""
     height, width = image.shape[:2]
     flip = int(rng.integers(0, 4)) if flips else 0
     out = image[::-1] if flip & 1 else image
@@ -333,7 +352,11 @@ def augment(image: np.ndarray, rng: np.random.Generator, flips: bool = True) -> 
     top, left = rng.integers(0, height - crop_h + 1), rng.integers(0, width - crop_w + 1)
     crop = np.ascontiguousarray(out[top : top + crop_h, left : left + crop_w])
     zoomed = np.asarray(Image.fromarray(crop).resize((width, height), Image.BILINEAR), dtype=np.float32)
-    return np.clip(zoomed * rng.uniform(0.9, 1.1), 0, 255).astype(np.uint8)
+    start, end = rng.uniform(0.9, 1.1, size=2)
+    horizontal = bool(rng.integers(0, 2))
+    ramp = np.linspace(start, end, width if horizontal else height, dtype=np.float32)
+    gain = ramp[None, :, None] if horizontal else ramp[:, None, None]
+    return np.clip(zoomed * gain, 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ..schema import Config, check_tensor
 from .base import FeatureScorer
 from .errors import ScoringError
 from .maps import DEFAULT_SIGMA
+from .photometric import Photometric
 from .plan import InputPlan
 
 DEFAULT_D = 100
@@ -115,8 +116,9 @@ class PaDiM(FeatureScorer):
         batch_size: int = 16,
         plan: InputPlan | str | None = None,
         inference: str = "auto",
+        photometric: Photometric | str | dict | None = None,
     ):
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan, inference)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan, inference, photometric)
         total_channels = sum(self.tower.stages[name].channels for name in self.layers)
         random_channels(total_channels, d, seed)  # validates d before any feature is extracted
         if epsilon <= 0:

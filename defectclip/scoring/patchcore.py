@@ -40,6 +40,7 @@ from .errors import ScoringError
 from .inference import bf16_kernels_available
 from .maps import DEFAULT_SIGMA
 from . import native
+from .photometric import Photometric
 from .plan import InputPlan
 
 DEFAULT_CORESET_RATIO = 0.1
@@ -420,6 +421,7 @@ class PatchCore(FeatureScorer):
         search: str = "auto",
         plan: InputPlan | str | None = None,
         inference: str = "auto",
+        photometric: Photometric | str | dict | None = None,
     ):
         """`max_bank_size` caps the bank (None = `coreset_ratio` alone decides); `batch_size` None =
         CPU_BATCH_SIZE on a CPU, GPU_BATCH_SIZE on a GPU; `search`: "exact" (float32), "bf16" (bfloat16
@@ -428,7 +430,7 @@ class PatchCore(FeatureScorer):
         `inference`: how the frozen tower runs, see FeatureScorer ("auto": bfloat16 on such CPUs)."""
         if batch_size is None:
             batch_size = CPU_BATCH_SIZE if resolve_device(device).type == "cpu" else GPU_BATCH_SIZE
-        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan, inference)
+        super().__init__(tower, layers, image_size, sigma, seed, device, batch_size, plan, inference, photometric)
         coreset_size(1, coreset_ratio, max_bank_size)  # validates now rather than after feature extraction
         if num_neighbors < 1:
             raise ScoringError(f"num_neighbors must be at least 1, got {num_neighbors}.")

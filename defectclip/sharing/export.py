@@ -245,9 +245,18 @@ def scorer_facts(config: dict[str, Any], origin: str, object_name: str | None) -
         "image_size": list(config["preprocess"]["size"]),
         "threshold": round(float(config["threshold"]), 6),
         "calibration_text": calibration_text(config.get("calibration")),
+        "exposure_text": exposure_text(config.get("photometric")),
         "num_train_images": config["num_train_images"],
         "tags": [config["model_type"]],
     }
+
+
+def exposure_text(photometric: dict[str, Any] | None) -> str:
+    """What the card says of exposure matching ("" when images are used as they are)."""
+    if not photometric or photometric.get("mode") != "match":
+        return ""
+    return (f"Each image is first brought to the training images' median brightness and contrast (luminance mean "
+            f"{photometric['mean']:.3f}, standard deviation {photometric['std']:.3f} on a 0-1 scale) by one gain and one offset.")
 
 
 def calibration_text(calibration: str | None) -> str:
