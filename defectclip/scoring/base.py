@@ -245,7 +245,7 @@ class FeatureScorer(Artifact, abc.ABC):
         `fit_embedded`."""
         if self.photometric.mode != "none":
             source = as_image_source(images)
-            self.photometric = parse_photometric(self.photometric.mode).fitted_to(
+            self.photometric = self.photometric.fitted_to(
                 image_to_tensor(source[i]) for i in range(len(source))
             )
         return self.photometric

@@ -118,9 +118,6 @@ class Photometric:
                 raise ScoringError(f"photometric {key} must be a number or null, got {value!r}.")
         return cls(data.get("mode", "none"), *(None if v is None else float(v) for v in numbers.values()))
 
-    def describe(self) -> str:
-        return self.mode if self.mode == "none" or not self.is_fitted else f"match:{self.mean:.3f}/{self.std:.3f}"
-
 
 def apply_affine(image: torch.Tensor, affine: tuple[float, float] | None) -> torch.Tensor:
     """`image * gain + offset`, clipped back to 0-1 (the range of the images the tower learnt from)."""
