@@ -11,8 +11,8 @@ from conftest import textured_image
 from defectclip.scoring import PatchCore
 from defectclip.scoring.features import PatchFeatures
 from defectclip.scoring.few_shot import (
-    MAX_REFERENCES, MIN_SAMPLES, FewShotError, block_distances, check_reference_count, content_digest,
-    fit_few_shot, place_threshold,
+    MAX_REFERENCES, MIN_SAMPLES, FewShotError, Holdout, block_distances, check_reference_count, content_digest,
+    embed_patches, fit_few_shot, place_threshold,
 )
 
 SIZE = (64, 64)
@@ -65,8 +65,21 @@ def test_threshold_separates_new_normal_images_from_defective_ones(tower, refere
 
 def test_single_reference_is_never_compared_with_its_own_pixels(tower, references):
     _, report = fit_few_shot(references[:1], tower, image_size=64)
-    # Scored against itself a reference would score ~0; held out (the other half) it scores like new.
+    # Scored against itself a reference would score ~0: its normal samples are new views of it only.
+    assert len(report.normal_scores) == MIN_SAMPLES
     assert min(report.normal_scores) > 0.1 * max(report.normal_scores)
+
+
+def test_a_single_reference_patch_only_meets_patches_away_from_its_own_place(tower, references):
+    scorer = PatchCore(tower, image_size=64, coreset_ratio=1.0, device="cpu")
+    block = embed_patches(scorer, references[:1])[0]
+    holdout = Holdout.of(scorer, [block], [block_distances(block, [block])])
+    held_out = holdout.distances(block)[:, 0]
+    exact = torch.cdist(block, block).masked_fill(holdout.excluded, torch.inf).amin(1)
+    assert holdout.single and bool(holdout.excluded.diagonal().all())
+    assert (held_out > 1e-3).all()  # never its own patch (distance 0)
+    torch.testing.assert_close(held_out, exact, rtol=1e-3, atol=1e-3)
+    assert not holdout.excluded.all(dim=1).any()  # every patch keeps somewhere else to match
 
 
 def test_identical_references_are_merged_and_reported(tower, references):

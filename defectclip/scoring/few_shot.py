@@ -6,8 +6,9 @@ The threshold is placed instead between two score distributions made from the re
 
 - normal: each reference scored against the bank of the *other* references (leave-one-out), plus
   augmented copies of the references (flips, a small crop-and-zoom, a brightness change) until there
-  are `MIN_SAMPLES` scores; with a single reference there are no others, so its augmentations are
-  scored against the bank of itself;
+  are `MIN_SAMPLES` scores; with a single reference there are no others, so the reference and its
+  augmented copies are scored against its own bank with every patch's neighbourhood left out (another
+  region of the part stands in for another part; see `Holdout`);
 - defective: NSA and CutPaste synthetic defects (defectclip.synth) made from the references, scored
   the same leave-one-out way, so both sides look like "a new image of the product".
 
@@ -54,6 +55,10 @@ BLANK_STD = 2.0
 # unlike the rest (another object, another view). Median-based, so at most half can be flagged.
 OUTLIER_FACTOR = 2.0
 MIN_FOR_OUTLIERS = 3  # with two references neither can be called the odd one out
+# With one reference, a patch is not compared with the reference's patches within this fraction of the
+# grid's longer side around its own position: more than augment's largest shift (15 %). On magnetic tile
+# (k = 1, 10 draws) 0.15 / 0.25 / 0.35 gave balanced-accuracy ratios 0.925 / 0.938 / 0.940.
+SELF_EXCLUSION = 0.25
 
 
 class FewShotError(ScoringError):
@@ -273,41 +278,58 @@ class Holdout:
     image the bank has never seen.
 
     With two or more references the bank blocks are the references and a query from reference i
-    leaves block i out. With one reference there is nothing else to compare with, so the reference
-    is split into its left and right halves and each patch is scored against the other half only:
-    another region of the part stands in for another part, and no pixel is compared with itself.
+    leaves block i out. With one reference, another region of the part stands in for another part:
+    each query patch is compared with every reference patch except those within `SELF_EXCLUSION` of
+    the grid around its own position, so no patch meets its own pixels (queries are the reference and
+    unflipped copies of it, whose content moves by at most 15 % of the side) while the rest of the bank,
+    borders included, stays available as it will be for a new image.
     """
 
     blocks: list[torch.Tensor]
     cross: list[torch.Tensor]  # reference i against every block: P x B
-    halves: torch.Tensor | None = None  # one reference: each patch's half (0 left, 1 right)
+    excluded: torch.Tensor | None = None  # one reference: P x P, True where a patch must not match
 
     @classmethod
     def of(cls, scorer: PatchCore, blocks: list[torch.Tensor], cross: list[torch.Tensor]) -> "Holdout":
         if len(blocks) > 1:
             return cls(blocks, cross)
-        patches = blocks[0]
-        _, width = patch_grid(scorer, patches.shape[0])
-        halves = ((torch.arange(patches.shape[0]) % width) >= width // 2).long()
-        split = [patches[halves == 0], patches[halves == 1]]
-        return cls(split, [block_distances(patches, split)], halves)
+        return cls(blocks, cross, neighbourhood(patch_grid(scorer, blocks[0].shape[0])))
 
-    def own(self, reference: int) -> int | torch.Tensor:
-        return self.halves if self.halves is not None else reference
+    @property
+    def single(self) -> bool:
+        return self.excluded is not None
+
+    def distances(self, query: torch.Tensor) -> torch.Tensor:
+        """P x 1 (one reference: nearest allowed patch) or P x B (nearest patch per reference block)."""
+        if not self.single:
+            return block_distances(query, self.blocks)
+        bank = self.blocks[0]
+        squared = torch.addmm(bank.pow(2).sum(1), query, bank.T, beta=1.0, alpha=-2.0)
+        squared = squared.masked_fill_(self.excluded, torch.inf).amin(dim=1, keepdim=True)
+        return (squared + query.pow(2).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
 
     def score(self, scorer: PatchCore, query: torch.Tensor, reference: int) -> float:
-        return image_score(scorer, block_distances(query, self.blocks), self.own(reference))
+        return image_score(scorer, self.distances(query), None if self.single else reference)
+
+
+def neighbourhood(grid: tuple[int, int]) -> torch.Tensor:
+    """P x P: True where two patches of an h x w grid lie within SELF_EXCLUSION of the longer side."""
+    height, width = grid
+    radius = max(1, round(SELF_EXCLUSION * max(height, width)))
+    rows, cols = torch.arange(height * width) // width, torch.arange(height * width) % width
+    return ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
 
 
 def normal_scores(scorer: PatchCore, references: list[np.ndarray], holdout: Holdout,
                   rng: np.random.Generator) -> list[float]:
     """Held-out scores of the references, then of augmented copies, MIN_SAMPLES at least."""
-    scores = [image_score(scorer, distances, holdout.own(i)) for i, distances in enumerate(holdout.cross)]
-    extra = max(0, MIN_SAMPLES - len(scores))
-    sources = [i % len(references) for i in range(extra)]
-    # With one reference split in halves a flip would move each half's content into the other one.
-    flips = len(references) > 1
-    augmented = embed_patches(scorer, [augment(references[i], rng, flips) for i in sources])
+    if holdout.single:
+        scores = [holdout.score(scorer, holdout.blocks[0], 0)]
+    else:
+        scores = [image_score(scorer, distances, i) for i, distances in enumerate(holdout.cross)]
+    sources = [i % len(references) for i in range(max(0, MIN_SAMPLES - len(scores)))]
+    # One reference is held out by position, which a flip would scramble.
+    augmented = embed_patches(scorer, [augment(references[i], rng, flips=not holdout.single) for i in sources])
     return scores + [holdout.score(scorer, query, i) for query, i in zip(augmented, sources)]
 
 
