@@ -45,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-bank-size", type=int, default=0, help="PatchCore bank cap (0: the library default)")
     parser.add_argument("--photometric", default="none", choices=["none", "match"],
                         help="'match': every image brought to the training images' median brightness and contrast")
+    parser.add_argument("--coarse-padim-size", type=int, default=0,
+                        help="add a third member, PaDiM on --padim-tower at this smaller size (0: none; "
+                             "probe_coarse_member.py)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/eval_ensemble.json", help="result file (default under runs/, ignored by git)")
@@ -72,20 +75,28 @@ def summary(runs: list[dict], name: str) -> dict:
     return out
 
 
+def member_names(args: argparse.Namespace) -> list[str]:
+    return ["patchcore", "padim"] + (["padim_coarse"] if args.coarse_padim_size else [])
+
+
 def one_seed(args: argparse.Namespace, seed: int, train: list, images: list, masks: list, labels: list, kinds: list) -> dict:
     start = time.perf_counter()
-    ensemble = Ensemble([
+    members = [
         PatchCore(args.patchcore_tower, image_size=args.image_size, coreset_ratio=args.coreset_ratio,
                   max_bank_size=args.max_bank_size or None, seed=seed, device="cpu", photometric=args.photometric),
         PaDiM(args.padim_tower, image_size=args.image_size, seed=seed, device="cpu", photometric=args.photometric),
-    ]).fit(train)
+    ]
+    if args.coarse_padim_size:
+        members.append(PaDiM(args.padim_tower, image_size=args.coarse_padim_size, seed=seed, device="cpu",
+                             photometric=args.photometric))
+    ensemble = Ensemble(members).fit(train)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     results, per_member = ensemble.predict_with_members(images)
     predict_s = time.perf_counter() - start
     run = {"seed": seed, "fit_s": round(fit_s, 1), "predict_ms_per_image": round(1000 * predict_s / len(images), 1)}
-    for member, member_results in zip(ensemble.members, per_member):
-        run[member.model_type] = percent(evaluate(member_results, masks, labels))
+    for name, member_results in zip(member_names(args), per_member):
+        run[name] = percent(evaluate(member_results, masks, labels))
     run["ensemble"] = percent(evaluate(results, masks, labels))
     run["ensemble_by_defect_type"] = {k: percent(v) for k, v in evaluate_by_defect_type(results, masks, kinds).items()}
     return run
@@ -107,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for seed in args.seeds:
         report["runs"].append(one_seed(args, seed, train, images, masks, labels, kinds))
         print(json.dumps({k: v for k, v in report["runs"][-1].items() if k != "ensemble_by_defect_type"}), flush=True)
-        report["summary"] = {name: summary(report["runs"], name) for name in ("patchcore", "padim", "ensemble")}
+        report["summary"] = {name: summary(report["runs"], name) for name in (*member_names(args), "ensemble")}
         report["wall_s"] = round(time.perf_counter() - wall, 1)
         write_json_atomic(out, report)  # after every seed: a stopped run keeps what it measured
     print(json.dumps({"summary": report["summary"], "wall_s": report["wall_s"]}), flush=True)
