@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=SHARED, help="folder holding magnetic_tile/ and neu_seg/")
     parser.add_argument("--train-on", nargs="+", default=["magnetic tile", "steel strip", "both"],
                         choices=["magnetic tile", "steel strip", "both"], help="which models to train")
+    parser.add_argument("--model", action="append", default=[], metavar="OBJECT=FOLDER",
+                        help="test a saved CLIP-ADA trained on OBJECT instead of training (e.g. the embedded "
+                             "default: \"magnetic tile=demo/default/clip_ada\"); repeatable")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step")
     parser.add_argument("--image-size", type=int, default=224, help="square model input, pixels")
@@ -108,10 +111,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from benchmarks.eval_few_shot import machine
 
     rows = []
-    for name in args.train_on:
-        model, train_metrics, train_s = train_model(args, name)
-        row = {"trained_on": name, "train_s": train_s, "steps": args.steps, "threshold": model.threshold,
-               "train_loss": train_metrics.get("final_loss_mean_last_10pct")}
+    for name, model, row in models(args):
+        row |= {"trained_on": name, "threshold": model.threshold}
         for tested, test in (("magnetic tile", test_magnetic_tile), ("steel strip", test_steel_strip)):
             started = time.perf_counter()
             row[tested] = test(model, args) | {"seconds": time.perf_counter() - started,
@@ -123,6 +124,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(json.dumps({"targets": result["targets"]}), flush=True)
     write_json_atomic(Path(args.out).with_suffix(".json"), result)
     return result
+
+
+def models(args):
+    """(object trained on, model, what the row records of its training): saved ones with --model, else trained."""
+    if args.model:
+        for spec in args.model:
+            name, _, folder = spec.partition("=")
+            if name not in OBJECTS and name != "both":
+                raise SystemExit(f"--model {spec!r}: say which object it was trained on: {[*OBJECTS, 'both']}=FOLDER.")
+            yield name, ClipADA.from_pretrained(folder), {"model": folder}
+        return
+    for name in args.train_on:
+        model, train_metrics, train_s = train_model(args, name)
+        yield name, model, {"train_s": train_s, "steps": args.steps,
+                            "train_loss": train_metrics.get("final_loss_mean_last_10pct")}
 
 
 def targets(rows: list[dict]) -> dict:

@@ -82,3 +82,14 @@ def test_the_default_describer_knows_both_objects_and_refuses_others(default_pip
     assert steel and all("steel strip" in c for c in steel) and any(c.startswith(NO_DEFECT) for c in steel)
     with pytest.raises(UnknownObjectError, match="wooden plank"):
         default_pipeline.candidates("wooden plank")
+
+
+def test_reference_free_mode_flags_every_shipped_defect_example_and_passes_the_good_one(default_pipeline):
+    from defectclip.pipeline import REFERENCE_FREE
+
+    verdicts = {}
+    for name, entry in sorted(CLICKS.items()):
+        view = handlers.score_upload(default_pipeline, handlers.Session(), str(EXAMPLES / name), REFERENCE_FREE)
+        verdicts[name] = (bool(entry["defects"]), view.verdict.startswith("DEFECT"), view.score)
+        assert "never saw" in view.model_label  # the mode says what it was measured to do off its object
+    assert all(has_defect == flagged for has_defect, flagged, _ in verdicts.values()), verdicts
