@@ -32,8 +32,8 @@ CAPTIONS_SHOWN = 3
 # clip_ada_transfer.json); shown beside their results so nobody takes them for a trained model.
 MEASURED_QUALITY = {
     FEW_SHOT: "few-shot, measured on magnetic tile (709 test images, 5 draws): image AUROC {auroc}",
-    REFERENCE_FREE: ("reference-free (CLIP-ADA trained on magnetic tile), measured: image AUROC 0.74 on magnetic "
-                     "tile; pixel AUROC 0.72 on steel strip, which it never saw (clip_ada_transfer.md)"),
+    REFERENCE_FREE: ("trained on magnetic tile; measured: image AUROC 0.74 on magnetic tile, pixel AUROC 0.72 on "
+                     "steel strip, which it never saw (clip_ada_transfer.md)"),
 }
 FEW_SHOT_AUROC = {1: 0.72, 2: 0.74, 4: 0.77, 8: 0.80, 16: 0.81}  # means over 5 draws, exposure matched (full data: 0.965)
 
