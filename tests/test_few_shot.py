@@ -12,7 +12,7 @@ from defectclip.scoring import PatchCore
 from defectclip.scoring.features import PatchFeatures
 from defectclip.scoring.few_shot import (
     MAX_REFERENCES, MIN_SAMPLES, FewShotError, Holdout, block_distances, check_reference_count, content_digest,
-    embed_patches, fit_few_shot, place_threshold,
+    embed_patches, fit_few_shot, neighbourhood, place_threshold,
 )
 
 SIZE = (64, 64)
@@ -80,6 +80,12 @@ def test_a_single_reference_patch_only_meets_patches_away_from_its_own_place(tow
     assert (held_out > 1e-3).all()  # never its own patch (distance 0)
     torch.testing.assert_close(held_out, exact, rtol=1e-3, atol=1e-3)
     assert not holdout.excluded.all(dim=1).any()  # every patch keeps somewhere else to match
+
+
+@pytest.mark.parametrize("grid", [(1, 2), (2, 2), (3, 3), (4, 4), (3, 9), (28, 28)])
+def test_every_patch_keeps_patches_it_may_match_and_never_itself(grid):
+    excluded = neighbourhood(grid)
+    assert bool(excluded.diagonal().all()) and not excluded.all(dim=1).any()
 
 
 def test_identical_references_are_merged_and_reported(tower, references):

@@ -313,9 +313,11 @@ class Holdout:
 
 
 def neighbourhood(grid: tuple[int, int]) -> torch.Tensor:
-    """P x P: True where two patches of an h x w grid lie within SELF_EXCLUSION of the longer side."""
+    """P x P: True where two patches of an h x w grid lie within SELF_EXCLUSION of the longer side (on a
+    grid of a few patches, less: every patch must keep patches it may match)."""
     height, width = grid
-    radius = max(1, round(SELF_EXCLUSION * max(height, width)))
+    longer = max(height, width)
+    radius = min(max(1, round(SELF_EXCLUSION * longer)), max(0, longer // 2 - 1))
     rows, cols = torch.arange(height * width) // width, torch.arange(height * width) % width
     return ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
 
