@@ -28,8 +28,9 @@ from .render import (
 UNFAMILIAR_AREA_FRACTION = 0.5
 MAX_REGIONS = 50  # bounds the per-session state and the table; regions come largest first
 CAPTIONS_SHOWN = 3
-# What the modes without an installed model were measured to do (benchmarks/results/few_shot.json and
-# clip_ada_transfer.json); shown beside their results so nobody takes them for a trained model.
+# What the modes without an installed model were measured to do (benchmarks/results/few_shot.json, and
+# clip_ada_default.json for the embedded default's head); shown beside their results so nobody takes them
+# for a trained model.
 MEASURED_QUALITY = {
     FEW_SHOT: "few-shot, measured on magnetic tile (709 test images, 5 draws): image AUROC {auroc}",
     REFERENCE_FREE: ("trained on magnetic tile; measured: image AUROC 0.74 on magnetic tile, pixel AUROC 0.72 on "
