@@ -62,6 +62,16 @@ def defect_mask(ref, size: tuple[int, int]) -> np.ndarray:
     return union
 
 
+def load_category(root) -> tuple[list, list, list, list, list]:
+    """One MVTec-layout category, decoded: train images, test images, their defect masks, labels, defect types."""
+    train = [load_image_array(ref.image_path) for ref in MVTecDataset(root, "train").refs]
+    test = MVTecDataset(root, "test")
+    images = [load_image_array(ref.image_path) for ref in test.refs]
+    masks = [defect_mask(ref, image.shape[:2]) for ref, image in zip(test.refs, images)]
+    labels, kinds = [int(ref.defect != "good") for ref in test.refs], [ref.defect for ref in test.refs]
+    return train, images, masks, labels, kinds
+
+
 def percent(metrics: dict) -> dict:
     return {k: round(100 * metrics[k], 2) for k in METRICS}
 
@@ -106,11 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
-    train = [load_image_array(r.image_path) for r in MVTecDataset(args.data, "train").refs]
-    test = MVTecDataset(args.data, "test")
-    images = [load_image_array(r.image_path) for r in test.refs]
-    masks = [defect_mask(ref, image.shape[:2]) for ref, image in zip(test.refs, images)]
-    labels, kinds = [int(ref.defect != "good") for ref in test.refs], [ref.defect for ref in test.refs]
+    train, images, masks, labels, kinds = load_category(args.data)
     report: dict = {"machine": machine_description(), "args": vars(args), "train_images": len(train),
                     "test_images": len(images), "runs": []}
     out = Path(args.out)

@@ -23,9 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_backbones import machine_description  # noqa: E402  (benchmarks/ is not a package)
-from eval_ensemble import defect_mask  # noqa: E402
+from eval_ensemble import load_category  # noqa: E402
 
-from defectclip.data import MVTecDataset, load_image_array  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
 from defectclip.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from defectclip.scoring import Ensemble, PaDiM, PatchCore  # noqa: E402
@@ -64,11 +63,7 @@ def subset_scores(maps: list[np.ndarray], masks, labels, kinds) -> dict:
 
 def main() -> dict:
     torch.set_num_threads(1)
-    train = [load_image_array(ref.image_path) for ref in MVTecDataset(DATA, "train").refs]
-    test = MVTecDataset(DATA, "test")
-    images = [load_image_array(ref.image_path) for ref in test.refs]
-    masks = [defect_mask(ref, image.shape[:2]) for ref, image in zip(test.refs, images)]
-    labels, kinds = [int(ref.defect != "good") for ref in test.refs], [ref.defect for ref in test.refs]
+    train, images, masks, labels, kinds = load_category(DATA)
     names = list(MEMBERS)
     ensemble = Ensemble([MEMBERS[name]() for name in names]).fit(train)
     _, per_member = ensemble.predict_with_members(images)

@@ -19,9 +19,8 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_ensemble import defect_mask  # noqa: E402  (benchmarks/ is not a package)
+from eval_ensemble import load_category  # noqa: E402  (benchmarks/ is not a package)
 
-from defectclip.data import MVTecDataset, load_image_array  # noqa: E402
 from defectclip.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from defectclip.scoring import PaDiM, PatchCore  # noqa: E402
 
@@ -58,11 +57,7 @@ def scores(maps, masks, labels, kinds, sigma: float) -> dict:
 
 def main(method: str) -> None:
     torch.set_num_threads(1)
-    train = [load_image_array(ref.image_path) for ref in MVTecDataset(DATA, "train").refs]
-    test = MVTecDataset(DATA, "test")
-    images = [load_image_array(ref.image_path) for ref in test.refs]
-    masks = [defect_mask(ref, image.shape[:2]) for ref, image in zip(test.refs, images)]
-    labels, kinds = [int(ref.defect != "good") for ref in test.refs], [ref.defect for ref in test.refs]
+    train, images, masks, labels, kinds = load_category(DATA)
     maps = [result.anomaly_map for result in fitted_scorer(method, train).predict(images)]
     for sigma in EXTRA_SIGMAS:
         print(json.dumps({"method": method, **scores(blurred(maps, sigma), masks, labels, kinds, sigma)}), flush=True)

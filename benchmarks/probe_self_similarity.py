@@ -36,8 +36,7 @@ from defectclip.data import IndexMaskDataset, MVTecDataset  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
 from defectclip.metrics import image_auroc, pixel_auroc  # noqa: E402
 from defectclip.scoring import PatchCore  # noqa: E402
-from defectclip.scoring.few_shot import Holdout, embed_patches, patch_grid  # noqa: E402
-from defectclip.scoring.maps import patch_scores_to_maps  # noqa: E402
+from defectclip.scoring.few_shot import Holdout, embed_patches, patch_map  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "self_similarity_probe.json"
 
@@ -54,10 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def self_similarity_map(scorer: PatchCore, image: np.ndarray) -> np.ndarray:
     """Each patch's distance to its nearest patch of the same image away from its own place, at image size."""
     block = embed_patches(scorer, [image])[0]
-    nearest = Holdout.of(scorer, [block], []).distances(block)[:, 0]
-    size = tuple(scorer.preprocess.size)
-    grid = nearest.view(1, *patch_grid(scorer, nearest.numel()))
-    return patch_scores_to_maps(grid, size, [image.shape[:2]], scorer.sigma, scorer.features.centre_offset())[0]
+    return patch_map(scorer, Holdout.of(scorer, [block], []).distances(block)[:, 0], image.shape[:2])
 
 
 def test_samples(root: Path, name: str):

@@ -230,8 +230,10 @@ def embed_patches(scorer: PatchCore, images: Sequence[np.ndarray]) -> list[torch
     return blocks
 
 
-def block_distances(queries: torch.Tensor, blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """P x B: each query patch's distance to its nearest patch in each reference block.
+def block_distances(queries: torch.Tensor, blocks: Sequence[torch.Tensor],
+                    excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """P x B: each query patch's distance to its nearest patch in each reference block; `excluded` (one
+    block only, P x P) marks the block patches each query patch may not match.
 
     Kept per block so that any reference can be left out afterwards by a minimum over the rest. Each
     block costs one matrix product, |q - b|^2 = |q|^2 + |b|^2 - 2 q.b, and a minimum: one image's
@@ -240,25 +242,30 @@ def block_distances(queries: torch.Tensor, blocks: Sequence[torch.Tensor]) -> to
     form's rounding is ~1e-5 of |q||b|, far below the spread of the scores the threshold is set from.
     """
     query_sq = queries.pow(2).sum(1, keepdim=True)
-    squared = torch.stack([
-        torch.addmm(block.pow(2).sum(1), queries, block.T, beta=1.0, alpha=-2.0).amin(dim=1) for block in blocks
-    ], dim=1)
-    return (squared + query_sq).clamp_min_(0).sqrt_()
+    nearest = []
+    for block in blocks:
+        squared = torch.addmm(block.pow(2).sum(1), queries, block.T, beta=1.0, alpha=-2.0)
+        if excluded is not None:
+            squared = squared.masked_fill_(excluded, torch.inf)
+        nearest.append(squared.amin(dim=1))
+    return (torch.stack(nearest, dim=1) + query_sq).clamp_min_(0).sqrt_()
 
 
-def image_score(scorer: PatchCore, distances: torch.Tensor, own: int | torch.Tensor | None = None) -> float:
+def image_score(scorer: PatchCore, distances: torch.Tensor, own: int | None = None) -> float:
     """The image score PatchCore's predict gives (maximum of the smoothed map at model size) for a
-    query whose P x B block distances are given, each patch leaving its `own` block out of the bank
-    (one block index for every patch, or one per patch)."""
+    query whose P x B block distances are given, leaving reference block `own` out of the bank."""
     if own is not None and distances.shape[1] > 1:
-        own = torch.as_tensor(own, dtype=torch.long).expand(distances.shape[0])
-        distances = distances.scatter(1, own[:, None], torch.inf)
-    nearest = distances.min(dim=1).values
+        distances = distances.clone()
+        distances[:, own] = torch.inf
     size = tuple(scorer.preprocess.size)
-    maps = patch_scores_to_maps(
-        nearest.view(1, *patch_grid(scorer, nearest.numel())), size, [size], scorer.sigma, scorer.features.centre_offset()
-    )
-    return float(maps[0].max())
+    return float(patch_map(scorer, distances.min(dim=1).values, size).max())
+
+
+def patch_map(scorer: PatchCore, nearest: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One image's per-patch scores (P, model-size grid) -> its smoothed map at `size`, as PatchCore makes it."""
+    grid = nearest.view(1, *patch_grid(scorer, nearest.numel()))
+    return patch_scores_to_maps(grid, tuple(scorer.preprocess.size), [size], scorer.sigma,
+                                scorer.features.centre_offset())[0]
 
 
 def patch_grid(scorer: PatchCore, count: int) -> tuple[int, int]:
@@ -301,12 +308,7 @@ class Holdout:
 
     def distances(self, query: torch.Tensor) -> torch.Tensor:
         """P x 1 (one reference: nearest allowed patch) or P x B (nearest patch per reference block)."""
-        if not self.single:
-            return block_distances(query, self.blocks)
-        bank = self.blocks[0]
-        squared = torch.addmm(bank.pow(2).sum(1), query, bank.T, beta=1.0, alpha=-2.0)
-        squared = squared.masked_fill_(self.excluded, torch.inf).amin(dim=1, keepdim=True)
-        return (squared + query.pow(2).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
+        return block_distances(query, self.blocks, self.excluded)
 
     def score(self, scorer: PatchCore, query: torch.Tensor, reference: int) -> float:
         return image_score(scorer, self.distances(query), None if self.single else reference)
