@@ -48,6 +48,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vision", default="offline:efficientnet_lite0", help="vision tower spec")
     parser.add_argument("--text", default="offline:minilm", help="text tower spec")
     parser.add_argument("--layer", default="blocks.4", help="vision stage (clip_ada.md: blocks.4 is the usable one)")
+    parser.add_argument("--real-anomaly-prob", type=float, default=0.0,
+                        help="train/clip_ada.py --real-anomaly-prob: synthetic anomalies on real-defect images too")
+    parser.add_argument("--textures", type=int, default=0,
+                        help="train/clip_ada.py --textures: generated defect-free textures added to every training set")
+    parser.add_argument("--self-similarity", action="store_true",
+                        help="train/clip_ada.py --self-similarity: blend the training-free self-similarity map in "
+                             "(a --model gets it fitted, again if it has one, on its training object's train images)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (synthetic anomalies, initialisation)")
     parser.add_argument("--max-test", type=int, default=0, help="cap on test images per object (0: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/clip_ada_transfer"), help="model folders")
@@ -61,7 +69,9 @@ def train_model(args, name: str) -> tuple[ClipADA, dict, float]:
     argv = ["--data", *map(str, roots), "--vision", args.vision, "--text", args.text, "--layer", args.layer,
             "--image-size", str(args.image_size), "--refine-steps", "0", "--max-steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--lr", "1e-2", "--calibration-images", "32",
-            "--checkpointing-steps", str(args.steps), "--checkpoints-total-limit", "1", "--output-dir", str(output)]
+            "--checkpointing-steps", str(args.steps), "--checkpoints-total-limit", "1", "--output-dir", str(output),
+            "--real-anomaly-prob", str(args.real_anomaly_prob), "--textures", str(args.textures), "--seed", str(args.seed),
+            *(["--self-similarity"] if args.self_similarity else [])]
     started = time.perf_counter()
     metrics = train_clip_ada.main(argv)
     return ClipADA.from_pretrained(output / train_clip_ada.ARTIFACT_DIR), metrics, time.perf_counter() - started
@@ -133,12 +143,27 @@ def models(args):
             name, _, folder = spec.partition("=")
             if name not in OBJECTS and name != "both":
                 raise SystemExit(f"--model {spec!r}: say which object it was trained on: {[*OBJECTS, 'both']}=FOLDER.")
-            yield name, ClipADA.from_pretrained(folder), {"model": folder}
+            model = ClipADA.from_pretrained(folder)
+            if args.self_similarity:  # (re)fitted with this code's self-similarity, as training would
+                model = blended(model, name, args)
+            yield name, model, {"model": folder, "self_similarity": model.config.self_similarity}
         return
     for name in args.train_on:
         model, train_metrics, train_s = train_model(args, name)
         yield name, model, {"train_s": train_s, "steps": args.steps,
                             "train_loss": train_metrics.get("final_loss_mean_last_10pct")}
+
+
+def blended(model: ClipADA, name: str, args) -> ClipADA:
+    """A saved model given the blend as `train/clip_ada.py --self-similarity` would have: its scale from its
+    training object's train images, then the threshold placed again on that object's defect-free ones."""
+    roots = [args.data_root / OBJECTS[o] for o in OBJECTS] if name == "both" else [args.data_root / OBJECTS[name]]
+    items = train_clip_ada.list_training_items(roots)
+    model.fit_self_similarity(train_clip_ada.calibration_images([image for image, _ in items], train_clip_ada.BLEND_IMAGES))
+    normals = train_clip_ada.calibration_images([image for image, mask in items if mask is None], 32)
+    if normals:  # as eval's training runs do (--calibration-images 32); steel strip has none: 0.5 stays
+        model.calibrate_synthetic(normals)
+    return model
 
 
 def targets(rows: list[dict]) -> dict:

@@ -5,7 +5,7 @@ CLIP-ADA on an object it was not trained on (issue #15's cross-object targets)?
         --clip-ada "magnetic tile=runs/clip_ada_transfer/magnetic_tile/model" \
         --clip-ada "steel strip=runs/clip_ada_transfer/steel_strip/model"      # ~10 min, one thread
 
-Self-similarity map: every patch of the image (ImageNet EfficientNet-Lite0, PatchCore's layers, 224 px) is
+Self-similarity map: every patch of the image (ImageNet EfficientNet-Lite0, PatchCore's layers, 224 px by default; `--image-size`) is
 compared with the image's own patches outside a quarter of the grid around it (the few-shot single-reference
 hold-out, `few_shot.Holdout`), and its distance to the nearest one is its score; the image score is the map's
 maximum. Nothing is trained and no normal image is needed, so it transfers by construction. With `--clip-ada
@@ -35,8 +35,7 @@ from defectclip.clip_ada import ClipADA  # noqa: E402
 from defectclip.data import IndexMaskDataset, MVTecDataset  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
 from defectclip.metrics import image_auroc, pixel_auroc  # noqa: E402
-from defectclip.scoring import PatchCore  # noqa: E402
-from defectclip.scoring.few_shot import Holdout, embed_patches, patch_map  # noqa: E402
+from defectclip.scoring.self_similarity import SelfSimilarity  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "self_similarity_probe.json"
 
@@ -46,14 +45,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=SHARED, help="folder holding magnetic_tile/ and neu_seg/")
     parser.add_argument("--clip-ada", action="append", default=[], metavar="OBJECT=FOLDER",
                         help="a CLIP-ADA model trained on OBJECT ('magnetic tile' or 'steel strip'); repeatable")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="self-similarity input side (224: the numbers of session 16; the product uses 320)")
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
-
-
-def self_similarity_map(scorer: PatchCore, image: np.ndarray) -> np.ndarray:
-    """Each patch's distance to its nearest patch of the same image away from its own place, at image size."""
-    block = embed_patches(scorer, [image])[0]
-    return patch_map(scorer, Holdout.of(scorer, [block], []).distances(block)[:, 0], image.shape[:2])
 
 
 def test_samples(root: Path, name: str):
@@ -87,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     models = dict(spec.split("=", 1) for spec in args.clip_ada)
-    scorer = PatchCore("offline:efficientnet_lite0", image_size=224, coreset_ratio=1.0, device="cpu", photometric="none")
+    similarity = SelfSimilarity("offline:efficientnet_lite0", image_size=args.image_size)
     report = {"machine": machine_description(), "subset": False, "seeds": "none (nothing random)", "objects": {}}
     for name, folder in OBJECTS.items():
         started = time.perf_counter()
@@ -95,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         self_maps, masks, labels = [], [], []
         clip_maps, clip_scores = {t: [] for t in others}, {t: [] for t in others}
         for image, mask, label in test_samples(args.data_root / folder, name):
-            self_maps.append(self_similarity_map(scorer, image).astype(np.float32))
+            self_maps.append(similarity.map(image))
             for trained, model in others.items():
                 result = model.predict([image])[0]
                 clip_maps[trained].append(result.anomaly_map.astype(np.float32))

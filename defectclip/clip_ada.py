@@ -12,7 +12,12 @@ again and predicts with its own projection. Training minimises BCE(coarse) + lam
 synthetic anomalies; inference takes the last step's map, upsamples it to the input image, smooths it with a
 Gaussian and scores the image by the mean of the top-K map values.
 
-Artifact: `config.json` (tower specs, layer, prompt, refinement steps, preprocessing, threshold) plus
+Optionally (`self_similarity` in the config, set by `fit_self_similarity`) the map is blended with a
+training-free one: how unlike the rest of its own image each patch is (defectclip.scoring.self_similarity).
+What a head learned on one object carries over to another only in part; the blend is for the new products
+the reference-free mode exists for (clip_ada_transfer.md).
+
+Artifact: `config.json` (tower specs, layer, prompt, refinement steps, preprocessing, threshold, blend) plus
 `model.safetensors` with only the trainable tensors; the frozen towers are rebuilt from their specs.
 """
 
@@ -82,6 +87,7 @@ class ClipADAConfig:
     sigma: float = 4.0  # Gaussian smoothing of the full-resolution map, in pixels
     top_k: int = 500  # at a 256 x 256 input image; scaled with the input image's area
     threshold: float = 0.5
+    self_similarity: dict | None = None  # SelfSimilarityBlend fields; None = CLIP-ADA's map alone
 
     def __post_init__(self) -> None:
         if self.n_ctx < 1:
@@ -98,6 +104,8 @@ class ClipADAConfig:
             raise ValueError(f"top_k must be >= 1 and sigma >= 0, got {self.top_k} and {self.sigma}")
         if self.image_size is not None:
             self.image_size = _as_size(self.image_size)
+        if self.self_similarity is not None:
+            SelfSimilarityBlend(**self.self_similarity)  # unknown keys or bad values fail here, not at predict
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClipADAConfig":
@@ -112,6 +120,58 @@ def _as_size(size: int | Sequence[int]) -> list[int]:
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"image_size must be [height, width] with positive values, got {size}")
     return pair
+
+
+@dataclass
+class SelfSimilarityBlend:
+    """How CLIP-ADA's map and the self-similarity map are added.
+
+    Each map is put in standard deviations of its pixels over the images the model was fitted on (a new
+    object is read on the training object's scale: no label and no image of the new product needed; on
+    the development objects the new object's own statistics gave the same AUROC), CLIP-ADA's probability
+    as a logit. Equal weights: nothing on a held-out object could choose others. Their mean is put back on
+    CLIP-ADA's own logit scale (its fitted mean and spread) and through the sigmoid, so the blend keeps the
+    (0, 1) probability scale that the threshold, the app's slider and its legend use, without saturating:
+    a plain sigmoid of the sum put every image's top pixels at 1.0.
+    """
+
+    image_size: int
+    clip_mean: float
+    clip_std: float
+    self_mean: float
+    self_std: float
+    mirrors: bool = True  # the self-similarity map also looks at the image's mirror images
+
+    def __post_init__(self) -> None:
+        values = [self.clip_mean, self.clip_std, self.self_mean, self.self_std]
+        if not all(math.isfinite(float(v)) for v in values) or min(self.clip_std, self.self_std) <= 0:
+            raise ValueError(f"self_similarity needs finite means and positive spreads, got {values}")
+        if int(self.image_size) < 32:
+            raise ValueError(f"self_similarity image_size must be at least 32, got {self.image_size}")
+
+    @classmethod
+    def fitted(cls, image_size: int, mirrors: bool, clip_maps: Sequence[np.ndarray],
+               self_maps: Sequence[np.ndarray]) -> "SelfSimilarityBlend":
+        clip = pixel_sample(logit(m) for m in clip_maps)
+        similar = pixel_sample(self_maps)
+        return cls(int(image_size), float(clip.mean()), float(clip.std()) or 1.0,
+                   float(similar.mean()), float(similar.std()) or 1.0, bool(mirrors))
+
+    def blend(self, probability_map: np.ndarray, self_map: np.ndarray) -> np.ndarray:
+        standard = ((logit(probability_map) - self.clip_mean) / self.clip_std
+                    + (self_map - self.self_mean) / self.self_std) / 2
+        return (1.0 / (1.0 + np.exp(-(self.clip_mean + self.clip_std * standard)))).astype(np.float32)
+
+
+def logit(probability_map: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), p kept inside [1e-4, 1 - 1e-4] (float32 sigmoids saturate to exactly 0 or 1)."""
+    p = np.clip(np.asarray(probability_map, dtype=np.float64), 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+def pixel_sample(maps) -> np.ndarray:
+    """Every 17th pixel of every map, as one float64 vector: enough for a mean and a spread."""
+    return np.concatenate([np.asarray(m, dtype=np.float64).ravel()[::17] for m in maps])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,6 +344,7 @@ class ClipADA(Artifact, nn.Module):
         else:
             self.register_buffer("log_scale", log_scale, persistent=False)
         self.transform = build_transform(self.preprocess)
+        self._similarity = None  # built on first use from the frozen vision tower (not a submodule, no weights)
 
     @staticmethod
     def _preprocess_for(vision: VisionTower, image_size: list[int] | None) -> Preprocess:
@@ -374,15 +435,50 @@ class ClipADA(Artifact, nn.Module):
     def image_score(self, anomaly_map: np.ndarray) -> float:
         return top_k_mean(anomaly_map, top_k_for(*anomaly_map.shape, self.config.top_k))
 
+    @property
+    def blend(self) -> SelfSimilarityBlend | None:
+        """The self-similarity blend saved in the config, if any."""
+        settings = self.config.self_similarity
+        return None if settings is None else SelfSimilarityBlend(**settings)
+
+    def similarity(self, image_size: int, mirrors: bool = True):
+        """The self-similarity maker on this model's frozen vision tower (defectclip.scoring.self_similarity)."""
+        from .scoring.self_similarity import SelfSimilarity
+
+        current = self._similarity
+        if current is None or (current.image_size, current.mirrors) != (image_size, mirrors):
+            self._similarity = SelfSimilarity(self.towers.vision, image_size, mirrors, device=self.log_scale.device)
+        return self._similarity
+
+    def clip_maps(self, images: Sequence[np.ndarray | torch.Tensor], batch_size: int = 8) -> list[np.ndarray]:
+        """CLIP-ADA's own probability maps at each image's size (no blend)."""
+        images = list(images)
+        return [self.finish_map(prob, image_size_of(image)) for image, prob in zip(images, self.probability_maps(images, batch_size))]
+
     def predict(self, images: Sequence[np.ndarray | torch.Tensor], batch_size: int = 8) -> list[AnomalyResult]:
         """Images (3 x H x W float in [0, 1], or H x W x 3 uint8), any sizes -> one AnomalyResult each."""
         images = list(images)
-        results = []
-        for image, prob in zip(images, self.probability_maps(images, batch_size)):
-            size = tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
-            anomaly_map = self.finish_map(prob, size)
-            results.append(AnomalyResult.from_map(anomaly_map, self.image_score(anomaly_map), self.config.threshold))
-        return results
+        maps = self.clip_maps(images, batch_size)
+        blend = self.blend
+        if blend is not None:
+            similarity = self.similarity(blend.image_size, blend.mirrors)
+            maps = [blend.blend(m, similarity.map(image)) for m, image in zip(maps, images)]
+        return [AnomalyResult.from_map(m, self.image_score(m), self.config.threshold) for m in maps]
+
+    def fit_self_similarity(self, images: Sequence[np.ndarray | torch.Tensor], image_size: int | None = None,
+                            mirrors: bool = True, batch_size: int = 8) -> SelfSimilarityBlend:
+        """Blend self-similarity into every later map, on the scale of these images' maps (the images the
+        model was trained on, defective ones included: no label is read). Recalibrate the threshold after."""
+        from .scoring.self_similarity import DEFAULT_IMAGE_SIZE
+
+        images = list(images)
+        if not images:
+            raise ValueError("fit_self_similarity needs at least one image of the product the model was trained on.")
+        similarity = self.similarity(int(image_size or DEFAULT_IMAGE_SIZE), mirrors)
+        blend = SelfSimilarityBlend.fitted(similarity.image_size, mirrors, self.clip_maps(images, batch_size),
+                                           [similarity.map(image) for image in images])
+        self.config.self_similarity = asdict(blend)
+        return blend
 
     def calibrate_threshold(self, normal_images: Sequence, quantile: float = 0.99, batch_size: int = 8) -> float:
         """Set the threshold to a high quantile of the image scores of defect-free images; return it.
@@ -499,6 +595,7 @@ def check_saved_config(saved: dict, folder: Path, root: str | Path | None, allow
         "template": inner.string, "ctx_word": inner.string, "ctx_init": lambda k: inner.string(k, CTX_INITS),
         "layer": lambda k: inner.string(k, optional=True),
         "image_size": lambda k: None if data[k] is None else inner.numbers(k, 2, 1, MAX_MODEL_SIDE, integer=True),
+        "self_similarity": lambda k: None if data[k] is None else check_blend(inner.sub(k), MAX_MODEL_SIDE),
     }
     for key, check in checks.items():
         if key in data:
@@ -507,6 +604,23 @@ def check_saved_config(saved: dict, folder: Path, root: str | Path | None, allow
         return ClipADAConfig.from_dict(data)
     except (ValueError, TypeError) as err:
         raise ArtifactError(f"{path}: {err}") from err
+
+
+def check_blend(blend, max_side: int) -> None:
+    """A saved self-similarity blend: exactly its fields, finite numbers, positive spreads."""
+    blend.only_keys(f.name for f in fields(SelfSimilarityBlend))
+    blend.number("image_size", 32, max_side, integer=True)
+    for key in ("clip_mean", "self_mean"):
+        blend.number(key)
+    for key in ("clip_std", "self_std"):
+        blend.number(key, 0, low_open=True)
+    if "mirrors" in blend.data:
+        blend.boolean("mirrors")
+
+
+def image_size_of(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """(H, W) of a 3 x H x W tensor or an H x W x 3 array."""
+    return tuple(image.shape[-2:]) if isinstance(image, torch.Tensor) else tuple(image.shape[:2])
 
 
 def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -380,3 +380,59 @@ def test_towers_must_match_the_config(towers):
     vision, text = towers
     with pytest.raises(ValueError, match="were passed"):
         ClipADA(ClipADAConfig(vision="tiny:vit", text=text.spec), vision=vision, text=text)
+
+
+def test_generated_textures_join_the_training_set_as_normal_images_but_never_calibrate(mvtec_root, tmp_path):
+    items = train_clip_ada.list_training_items([mvtec_root / "widget"], textures=4)
+    textures = [image for image, mask in items if isinstance(image, train_clip_ada.GeneratedTexture)]
+    assert len(items) == 4 + 4 and [t.kind for t in textures] == ["grain", "stripes", "weave", "grain"]
+    preprocess = build_vision_tower("tiny:cnn").preprocess
+    dataset = train_clip_ada.SyntheticAnomalies(items, preprocess, "nsa", anomaly_prob=1.0, seed=0)
+    sample = dataset[(len(items) - 1, 0)]
+    assert sample["image"].shape == (3, 64, 64) and sample["mask"].any()  # a texture with its synthetic defect
+    assert torch.equal(sample["image"], dataset[(len(items) - 1, 0)]["image"])  # made again, the same
+    metrics = train_clip_ada.main(tiny_args(mvtec_root, tmp_path / "tex", "--max-steps", "2", "--textures", "3"))
+    assert metrics["train_images"] == 8 + 3  # widget and gadget_box's 8 train/good images, 3 textures
+
+
+def test_real_defect_images_can_also_carry_a_synthetic_anomaly(index_root, towers):
+    items = train_clip_ada.list_training_items([index_root])
+    preprocess = make_model(towers).preprocess
+    plain = train_clip_ada.SyntheticAnomalies(items, preprocess, "nsa", 0.5, seed=0)
+    both = train_clip_ada.SyntheticAnomalies(items, preprocess, "nsa", 0.5, seed=0, real_anomaly_prob=1.0)
+    real, extended = plain[(0, 0)]["mask"], both[(0, 0)]["mask"]
+    assert torch.equal(real & extended, real)  # the real defect stays a target
+    assert extended.sum() > real.sum()  # and the synthetic one is added
+    assert not torch.equal(plain[(0, 0)]["image"], both[(0, 0)]["image"])
+
+
+def test_training_with_self_similarity_saves_a_blended_model(mvtec_root, tmp_path):
+    metrics = train_clip_ada.main(tiny_args(mvtec_root, tmp_path / "blend", "--max-steps", "2", "--self-similarity",
+                                            "--self-similarity-size", "64"))
+    assert metrics["self_similarity"]["image_size"] == 64
+    model = ClipADA.from_pretrained(tmp_path / "blend" / "model")
+    assert model.config.self_similarity == pytest.approx(metrics["self_similarity"])
+    assert model.threshold == pytest.approx(metrics["threshold"])  # calibrated on the blended scores
+    image = load_image(next((mvtec_root / "widget" / "test" / "scratch").glob("*.png")))
+    assert 0 < model.predict([image])[0].score < 1
+
+
+def test_build_scripts_clip_ada_step_ships_a_head_made_for_new_objects(mvtec_root, tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_embedded_default.py"
+    spec = importlib.util.spec_from_file_location("build_embedded_default", script)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    commands = []
+    monkeypatch.setattr(build, "run", lambda step, args, artifact: commands.append(args))
+    out = build.train_clip_ada(mvtec_root / "widget", tmp_path / "work", steps=2)
+    (command,) = commands
+    assert command[:2] == ["-m", "train.clip_ada"] and "--self-similarity" in command and "--textures" in command
+    # The same flags with tiny towers (later flags win in argparse), in-process.
+    train_clip_ada.main([*command[2:], "--vision", "tiny:cnn", "--text", "tiny:text", "--layer", "layer2",
+                         "--image-size", "64", "--batch-size", "2", "--calibration-images", "2",
+                         "--self-similarity-size", "64"])
+    model = ClipADA.from_pretrained(out / "model")
+    assert model.blend is not None and 0 < model.threshold < 1

@@ -486,6 +486,19 @@ def test_pushed_clip_ada_loads_from_the_hub_with_identical_maps(fake_hub, clip_a
     assert namespace["result"].anomaly_map.shape == (48, 64)
 
 
+def test_a_blended_clip_ada_keeps_its_blend_through_the_hub_and_its_card_says_so(fake_hub, tmp_path):
+    torch.manual_seed(0)
+    model = ClipADA(ClipADAConfig(vision="tiny:cnn", text="tiny:text", refine_steps=0)).eval()
+    model.fit_self_similarity([textured_image(np.random.default_rng(s)) for s in range(3)], image_size=64)
+    out = export_clip_ada(model, tmp_path / "blended", CardInfo(repo_id="clip-ada-blended", training_data=("magnetic_tile",)))
+    push(out, "defectclip/clip-ada-blended")
+    pulled = ClipADA.from_pretrained("defectclip/clip-ada-blended")
+    assert pulled.config.self_similarity == model.config.self_similarity
+    image = [defect_image()]
+    assert np.array_equal(model.predict(image)[0].anomaly_map, pulled.predict(image)[0].anomaly_map)
+    assert "self-similarity map" in (out / "README.md").read_text()
+
+
 # --------------------------------------------------------------------------------------------------
 # the app's models repo
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from defectclip.data import (
 )
 from defectclip.io import write_json_atomic
 from defectclip.synth import SYNTHESES, synthesize
+from defectclip.synth.textures import TEXTURE_KINDS, make_texture
 if __package__ in (None, ""):  # run by path (`accelerate launch train/x.py`): make the repo's `train` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train import common  # noqa: E402
@@ -41,6 +43,9 @@ METRICS_FILE = "metrics.json"
 # The paper multiplies the learning rate by 0.2 at epochs 400 and 700 of 800: at these fractions of training.
 LR_MILESTONES = (0.5, 0.875)
 LR_DECAY = 0.2
+# Images the self-similarity blend's pixel statistics are taken from (at least): on magnetic tile 32 and
+# 128 train images gave means within 0.1 and spreads within 3 % of each other (session 17).
+BLEND_IMAGES = 32
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
                            "(images/train with their masks: real defects as targets)")
     data.add_argument("--synthesis", choices=sorted(SYNTHESES), default="perlin", help="synthetic anomaly method")
     data.add_argument("--anomaly-prob", type=float, default=0.5, help="fraction of training images given an anomaly")
+    data.add_argument("--real-anomaly-prob", type=float, default=0.0,
+                      help="fraction of real-defect images (index-mask folders) also given a synthetic anomaly: the "
+                           "target is then both masks, so the head learns 'foreign to this surface', not only the "
+                           "object's own defect types")
+    data.add_argument("--textures", type=int, default=0,
+                      help="add this many generated defect-free textures (grain, brushed stripes, weave; "
+                           "defectclip.synth.textures) as normal images that get synthetic anomalies; they never "
+                           "calibrate the threshold")
     loss = parser.add_argument_group("loss and calibration")
     loss.add_argument("--refine-weight", type=float, default=1.0, help="lambda: weight of the refined steps' BCE")
     loss.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on projection weights")
     loss.add_argument("--calibration-images", type=int, default=64, help="train/good images for the threshold (0: keep 0.5)")
     loss.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of normal scores used as threshold")
+    loss.add_argument("--self-similarity", action="store_true",
+                      help="blend every map with the training-free self-similarity map (how unlike the rest of its "
+                           "own image each patch is; defectclip.scoring.self_similarity): better on objects the "
+                           "model was not trained on (benchmarks/results/clip_ada_transfer.md), slower per image")
+    loss.add_argument("--self-similarity-size", type=int, default=None,
+                      help="model input side of the self-similarity map (default 320: "
+                           "defectclip.scoring.self_similarity.DEFAULT_IMAGE_SIZE; its cost grows with the fourth power)")
     loss.add_argument("--threshold-rule", choices=("synthetic", "quantile"), default="synthetic",
                       help="synthetic: between the calibration images' scores and synthetic defects made from them "
                            "(as few-shot sets its own); quantile: --threshold-quantile of the normal scores")
@@ -85,6 +105,12 @@ def check_args(args: argparse.Namespace) -> None:
     common.check_common_args(args)
     if not 0.0 <= args.anomaly_prob <= 1.0:
         raise SystemExit(f"--anomaly-prob must be in [0, 1], got {args.anomaly_prob}")
+    if not 0.0 <= args.real_anomaly_prob <= 1.0:
+        raise SystemExit(f"--real-anomaly-prob must be in [0, 1], got {args.real_anomaly_prob}")
+    if args.self_similarity_size is not None and args.self_similarity_size < 32:
+        raise SystemExit(f"--self-similarity-size must be at least 32, got {args.self_similarity_size}")
+    if args.textures < 0:
+        raise SystemExit(f"--textures must be 0 or more, got {args.textures}")
     if args.n_ctx < 1:
         raise SystemExit(f"--n-ctx must be at least 1, got {args.n_ctx}")
     if args.image_size is not None and args.image_size < 16:
@@ -108,13 +134,28 @@ def list_normal_images(roots: list[Path]) -> list[Path]:
     return paths
 
 
-def list_training_items(roots: list[Path]) -> list[tuple[Path, Path | None]]:
+@dataclass(frozen=True)
+class GeneratedTexture:
+    """A training image made on the fly by defectclip.synth.textures: nothing to read from disk."""
+
+    kind: str
+    seed: int
+
+
+def generated_textures(count: int) -> list[GeneratedTexture]:
+    """`count` textures, the kinds taken in turn, each with its own seed."""
+    return [GeneratedTexture(TEXTURE_KINDS[i % len(TEXTURE_KINDS)], i) for i in range(count)]
+
+
+def list_training_items(roots: list[Path], textures: int = 0) -> list[tuple[Path | GeneratedTexture, Path | None]]:
     """(image, index mask or None) for every training image: train/good images (None: they get a synthetic
-    anomaly or stay normal) and the train images of index-mask folders with their real defect masks."""
+    anomaly or stay normal), the train images of index-mask folders with their real defect masks, and
+    `textures` generated textures (normal, like train/good)."""
     items = [(path, None) for path in list_normal_images(roots)]
     for root in roots:
         if is_index_mask_root(root):
             items += [(ref.image_path, ref.index_mask_path) for ref in IndexMaskDataset(root, "train").refs]
+    items += [(texture, None) for texture in generated_textures(textures)]
     if len(items) < 2:
         raise DataError(f"CLIP-ADA needs at least 2 training images (a second one feeds the synthesis); found {len(items)}.")
     return items
@@ -152,19 +193,26 @@ class SyntheticAnomalies(Dataset):
     and a different one for another --seed.
     """
 
-    def __init__(self, paths: list, preprocess: Preprocess, synthesis: str, anomaly_prob: float, seed: int):
-        # Each entry is an image path (normal) or (image path, index mask path or None).
+    def __init__(self, paths: list, preprocess: Preprocess, synthesis: str, anomaly_prob: float, seed: int,
+                 real_anomaly_prob: float = 0.0):
+        # Each entry is an image path or GeneratedTexture (normal), or (either, index mask path or None).
         items = [entry if isinstance(entry, tuple) else (entry, None) for entry in paths]
         self.paths, self.masks = [image for image, _ in items], [mask for _, mask in items]
         self.preprocess = preprocess
         self.synthesis, self.anomaly_prob, self.seed = synthesis, anomaly_prob, seed
+        self.real_anomaly_prob = real_anomaly_prob
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def read(self, index: int) -> np.ndarray:
         """H x W x 3 uint8 at the model size, resized the way inference resizes."""
-        image = resize(load_image(self.paths[index]), self.preprocess.size, self.preprocess.interpolation)
+        source = self.paths[index]
+        if isinstance(source, GeneratedTexture):
+            pixels = make_texture(source.kind, max(self.preprocess.size), source.seed)
+            image = resize(array_to_tensor(pixels), self.preprocess.size, self.preprocess.interpolation)
+        else:
+            image = resize(load_image(source), self.preprocess.size, self.preprocess.interpolation)
         return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -172,7 +220,11 @@ class SyntheticAnomalies(Dataset):
         rng = np.random.default_rng([self.seed, index, epoch_token])
         image = self.read(index)
         if self.masks[index] is not None:  # a real defect image: its own mask is the target
-            return {"image": normalize(array_to_tensor(image), self.preprocess), "mask": self.real_mask(index)}
+            mask = self.real_mask(index).numpy()
+            if rng.random() < self.real_anomaly_prob:
+                image, synthetic = synthesize(self.synthesis, image, self.other_image(index, rng), rng)
+                mask = mask | synthetic
+            return {"image": normalize(array_to_tensor(image), self.preprocess), "mask": torch.from_numpy(mask)}
         mask = np.zeros(image.shape[:2], dtype=bool)
         if rng.random() < self.anomaly_prob:
             image, mask = synthesize(self.synthesis, image, self.other_image(index, rng), rng)
@@ -265,7 +317,7 @@ def loss_summary(losses: list[float]) -> dict:
 
 
 def finish(accelerator, model, paths: list[Path], args, progress, losses: list[float], seconds: float,
-           train_images: int | None = None) -> dict:
+           train_images: int | None = None, product_images: list[Path] | None = None) -> dict:
     """Calibrate the threshold, save the artifact and metrics.json (main process), optionally push."""
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
@@ -279,6 +331,10 @@ def finish(accelerator, model, paths: list[Path], args, progress, losses: list[f
         **loss_summary(common.loss_values(progress)),  # the whole run's, also after a resume
     }
     if accelerator.is_main_process:
+        if getattr(args, "self_similarity", False):
+            # the blend's scale comes from the training object's images, defective ones too (no label is read)
+            fitted_on = calibration_images(product_images or paths, max(args.calibration_images, BLEND_IMAGES))
+            metrics["self_similarity"] = asdict(model.fit_self_similarity(fitted_on, args.self_similarity_size))
         normals = calibration_images(paths, args.calibration_images)
         if args.threshold_rule == "synthetic" and normals:
             metrics["threshold_rule"] = model.calibrate_synthetic(normals, seed=args.seed)
@@ -298,9 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
     common.seed_everything(args.seed)
     accelerator, progress = common.make_accelerator(args, "clip_ada")
     model = ClipADA(model_config(args))
-    items = list_training_items(args.data)
-    paths = [image for image, mask in items if mask is None]  # the normal ones calibrate the threshold
-    dataset = SyntheticAnomalies(items, model.preprocess, args.synthesis, args.anomaly_prob, args.seed)
+    items = list_training_items(args.data, args.textures)
+    # the product's own normal images calibrate the threshold (generated textures are not the product)
+    paths = [image for image, mask in items if mask is None and not isinstance(image, GeneratedTexture)]
+    dataset = SyntheticAnomalies(items, model.preprocess, args.synthesis, args.anomaly_prob, args.seed,
+                                 args.real_anomaly_prob)
     generator = torch.Generator()
     loader = make_loader(dataset, args, generator)
     optimizer = make_optimizer(model, args)
@@ -314,7 +372,9 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     losses = common.train_loop(accelerator, progress, model, optimizer, scheduler, batches,
                         partial(segmentation_loss, model=model, args=args), args, last_step, "clip-ada")
-    metrics = finish(accelerator, model, paths, args, progress, losses, time.perf_counter() - started, len(items))
+    product_images = [image for image, _ in items if not isinstance(image, GeneratedTexture)]
+    metrics = finish(accelerator, model, paths, args, progress, losses, time.perf_counter() - started, len(items),
+                     product_images)
     accelerator.end_training()
     return metrics
 

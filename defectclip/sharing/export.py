@@ -357,6 +357,7 @@ def write_clip_ada(model: ClipADA, folder: Path) -> dict[str, Any]:
         "image_size": config["image_size"],
         "threshold": config["threshold"],
         "trainable_parameters": saved["trainable_parameters"],
+        "self_similarity": config.get("self_similarity"),
     }
 
 
