@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--threshold-quantile", type=float, default=0.99, help="quantile of normal scores used as threshold")
     loss.add_argument("--self-similarity", action="store_true",
                       help="blend every map with the training-free self-similarity map (how unlike the rest of its "
-                           "own image each patch is; defectclip.scoring.self_similarity): better on objects the "
-                           "model was not trained on (benchmarks/results/clip_ada_transfer.md), slower per image")
+                           "own image and its mirror images each patch is; defectclip.scoring.self_similarity): "
+                           "better on objects the model was not trained on (benchmarks/results/clip_ada_transfer.md), "
+                           "slower per image")
     loss.add_argument("--self-similarity-size", type=int, default=None,
                       help="model input side of the self-similarity map (default 320: "
                            "defectclip.scoring.self_similarity.DEFAULT_IMAGE_SIZE; its cost grows with the fourth power)")
