@@ -47,6 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a CLIP-ADA model trained on OBJECT ('magnetic tile' or 'steel strip'); repeatable")
     parser.add_argument("--image-size", type=int, default=224,
                         help="self-similarity input side (224: the numbers of session 16; the product uses 320)")
+    parser.add_argument("--mirrors", action="store_true",
+                        help="also match each patch in the image's mirror images (the product does; session 16 did not)")
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -82,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     models = dict(spec.split("=", 1) for spec in args.clip_ada)
-    similarity = SelfSimilarity("offline:efficientnet_lite0", image_size=args.image_size)
+    similarity = SelfSimilarity("offline:efficientnet_lite0", image_size=args.image_size, mirrors=args.mirrors)
     report = {"machine": machine_description(), "subset": False, "seeds": "none (nothing random)", "objects": {}}
     for name, folder in OBJECTS.items():
         started = time.perf_counter()
