@@ -159,7 +159,7 @@ def blended(model: ClipADA, name: str, args) -> ClipADA:
     training object's train images, then the threshold placed again on that object's defect-free ones."""
     roots = [args.data_root / OBJECTS[o] for o in OBJECTS] if name == "both" else [args.data_root / OBJECTS[name]]
     items = train_clip_ada.list_training_items(roots)
-    model.fit_self_similarity(train_clip_ada.calibration_images([image for image, _ in items], train_clip_ada.BLEND_IMAGES))
+    train_clip_ada.fit_blend(model, [image for image, _ in items])
     normals = train_clip_ada.calibration_images([image for image, mask in items if mask is None], 32)
     if normals:  # as eval's training runs do (--calibration-images 32); steel strip has none: 0.5 stays
         model.calibrate_synthetic(normals)

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_backbones import machine_description  # noqa: E402  (benchmarks/ is not a package)
 from eval_clip_ada_transfer import SHARED, as_array  # noqa: E402
+from probe_self_similarity import standardised  # noqa: E402
 
 from defectclip.data import MVTecDataset, load_image  # noqa: E402
 from defectclip.io import write_json_atomic  # noqa: E402
@@ -33,12 +34,6 @@ from defectclip.scoring.self_similarity import SelfSimilarity  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "few_shot_self_similarity_probe.json"
 KS, DRAWS = (1, 4, 16), (0, 1)
-
-
-def standardised(maps: list[np.ndarray]) -> list[np.ndarray]:
-    """Maps in standard deviations of all their pixels (every 17th pixel sampled)."""
-    values = np.concatenate([m.ravel()[::17] for m in maps]).astype(np.float64)
-    return [(m - values.mean()) / values.std() for m in maps]
 
 
 def scores(maps, masks, labels) -> dict:

@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +148,15 @@ def generated_textures(count: int) -> list[GeneratedTexture]:
     return [GeneratedTexture(TEXTURE_KINDS[i % len(TEXTURE_KINDS)], i) for i in range(count)]
 
 
+@lru_cache(maxsize=None)
+def texture_pixels(texture: GeneratedTexture, side: int) -> np.ndarray:
+    """A generated texture's pixels, made once per process: make_texture is a pure function of (kind, side,
+    seed) whose fractal noise would otherwise be drawn again every epoch (300 at 224 px: 45 MB)."""
+    pixels = make_texture(texture.kind, side, texture.seed)
+    pixels.flags.writeable = False  # shared by every later read
+    return pixels
+
+
 def list_training_items(roots: list[Path], textures: int = 0) -> list[tuple[Path | GeneratedTexture, Path | None]]:
     """(image, index mask or None) for every training image: train/good images (None: they get a synthetic
     anomaly or stay normal), the train images of index-mask folders with their real defect masks, and
@@ -210,7 +219,7 @@ class SyntheticAnomalies(Dataset):
         """H x W x 3 uint8 at the model size, resized the way inference resizes."""
         source = self.paths[index]
         if isinstance(source, GeneratedTexture):
-            pixels = make_texture(source.kind, max(self.preprocess.size), source.seed)
+            pixels = texture_pixels(source, max(self.preprocess.size))
             image = resize(array_to_tensor(pixels), self.preprocess.size, self.preprocess.interpolation)
         else:
             image = resize(load_image(source), self.preprocess.size, self.preprocess.interpolation)
@@ -310,6 +319,12 @@ def calibration_images(paths: list[Path], count: int) -> list[torch.Tensor]:
     return [load_image(paths[i]) for i in chosen]
 
 
+def fit_blend(model: ClipADA, product_images: list[Path], count: int = BLEND_IMAGES, image_size: int | None = None):
+    """The self-similarity blend, its scale from `count` of the training object's images spread over the list,
+    defective ones too (no label is read). The threshold is to be placed again afterwards."""
+    return model.fit_self_similarity(calibration_images(product_images, count), image_size)
+
+
 def loss_summary(losses: list[float]) -> dict:
     if not losses:
         return {}
@@ -332,10 +347,10 @@ def finish(accelerator, model, paths: list[Path], args, progress, losses: list[f
         **loss_summary(common.loss_values(progress)),  # the whole run's, also after a resume
     }
     if accelerator.is_main_process:
-        if getattr(args, "self_similarity", False):
-            # the blend's scale comes from the training object's images, defective ones too (no label is read)
-            fitted_on = calibration_images(product_images or paths, max(args.calibration_images, BLEND_IMAGES))
-            metrics["self_similarity"] = asdict(model.fit_self_similarity(fitted_on, args.self_similarity_size))
+        if args.self_similarity:
+            blend = fit_blend(model, product_images or paths, max(args.calibration_images, BLEND_IMAGES),
+                              args.self_similarity_size)
+            metrics["self_similarity"] = asdict(blend)
         normals = calibration_images(paths, args.calibration_images)
         if args.threshold_rule == "synthetic" and normals:
             metrics["threshold_rule"] = model.calibrate_synthetic(normals, seed=args.seed)
