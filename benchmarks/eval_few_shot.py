@@ -21,6 +21,12 @@ again for every draw, and the full-data PatchCore matches to its own training im
 Image scores are the maximum of the smoothed map at the model input size (PatchCore's predict
 resizes that map to each image's size before taking the maximum: the same number up to the
 bilinear resize).
+
+With the self-similarity blend (few-shot's default since session 18; `--no-self-similarity` turns it
+off) the map is made at each image's own size and blended with the image's self-similarity map, as
+predict does; the self-similarity maps do not depend on the references (the same tower, size and no
+exposure matching every draw), so they are made once. Each draw checks its first test images against
+`scorer.predict` (`predict_check_max_abs_diff`).
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="coreset ratio of the full-data PatchCore reference (0 = skip it)")
     parser.add_argument("--photometric", default="match", choices=["none", "match"],
                         help="'match' (the app's default): images brought to the references' median exposure")
+    parser.add_argument("--no-self-similarity", dest="self_similarity", action="store_false",
+                        help="few-shot's map alone, without the self-similarity blend (before session 18)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default="benchmarks/results/few_shot", help="output prefix (.json)")
     return parser.parse_args(argv)
@@ -98,6 +106,36 @@ def bank_scores(scorer: PatchCore, test_blocks: torch.Tensor, bank: torch.Tensor
     return np.array(scores)
 
 
+@torch.no_grad()
+def blended_bank_scores(scorer: PatchCore, test_blocks: torch.Tensor, self_maps: list[np.ndarray], chunk: int = 32) -> np.ndarray:
+    """Image scores as a blended few-shot predict gives them: each map at its image's own size, blended
+    with the image's self-similarity map (`self_maps`), maximum."""
+    num_images, num_patches, _ = test_blocks.shape
+    side = int(round(num_patches**0.5))
+    grid = (side, num_patches // side)
+    scores = []
+    for start in range(0, num_images, chunk):
+        block = test_blocks[start : start + chunk]
+        distances = nearest_neighbours(block.reshape(-1, block.shape[-1]), scorer.memory_bank)[0][:, 0]
+        own = self_maps[start : start + chunk]
+        maps = patch_scores_to_maps(distances.view(block.shape[0], *grid), tuple(scorer.preprocess.size),
+                                    [m.shape for m in own], scorer.sigma, scorer.features.centre_offset())
+        scores.extend(float(scorer.self_similarity.blend(m, s).max()) for m, s in zip(maps, own))
+    return np.array(scores)
+
+
+SELF_MAPS: dict[tuple, list[np.ndarray]] = {}
+
+
+def self_maps_once(scorer: PatchCore, test_images: list[np.ndarray]) -> list[np.ndarray]:
+    """The test images' self-similarity maps as the scorer's blend makes them, made once per setting."""
+    similarity = scorer.similarity()
+    key = (similarity.image_size, similarity.mirrors)
+    if key not in SELF_MAPS:
+        SELF_MAPS[key] = [similarity.map(image) for image in test_images]
+    return SELF_MAPS[key]
+
+
 def balanced_accuracy(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
     flagged = scores >= threshold
     return float((flagged[labels == 1].mean() + (~flagged[labels == 0]).mean()) / 2)
@@ -131,10 +169,16 @@ def few_shot_run(args, tower, extractor, train_paths, test_blocks, labels, k: in
     chosen = sorted(rng.choice(len(train_paths), size=k, replace=False).tolist())
     references = [load_image_array(train_paths[i]) for i in chosen]
     started, started_cpu = time.perf_counter(), time.process_time()
-    scorer, report = fit_few_shot(references, tower, image_size=args.image_size, seed=draw, photometric=args.photometric)
+    scorer, report = fit_few_shot(references, tower, image_size=args.image_size, seed=draw, photometric=args.photometric,
+                                  self_similarity=args.self_similarity)
     # CPU time is the target's measure (one thread): wall time on a shared machine counts other jobs too
     build_s, build_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
-    scores = bank_scores(extractor, matched_test_blocks(scorer, test_images, test_blocks), scorer.memory_bank)
+    blocks = matched_test_blocks(scorer, test_images, test_blocks)
+    if scorer.self_similarity is None:
+        scores, check = bank_scores(extractor, blocks, scorer.memory_bank), None
+    else:
+        scores = blended_bank_scores(scorer, blocks, self_maps_once(scorer, test_images))
+        check = max(abs(r.score - s) for r, s in zip(scorer.predict(test_images[:PREDICT_CHECKS]), scores))
     auto = balanced_accuracy(labels, scores, scorer.threshold)
     best = best_balanced_accuracy(labels, scores)
     return {
@@ -148,6 +192,7 @@ def few_shot_run(args, tower, extractor, train_paths, test_blocks, labels, k: in
         "test_medians": [float(np.median(scores[labels == 0])), float(np.median(scores[labels == 1]))],
         "rule": report.rule, "normal_scores": report.normal_scores, "synthetic_scores": report.defect_scores,
         "outliers": report.outliers, "test_scores": [round(float(x), 4) for x in scores], "duplicates": report.duplicates,
+        "self_similarity": report.blended, "predict_check_max_abs_diff": check,
     }
 
 
@@ -185,6 +230,7 @@ def summarise(runs: list[dict], full: dict | None) -> dict:
     return summary
 
 
+PREDICT_CHECKS = 3  # test images per draw scored by predict itself too, to check the fast path gives its scores
 QUIET = {"references", "test_scores", "normal_scores", "synthetic_scores"}
 
 

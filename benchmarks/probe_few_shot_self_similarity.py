@@ -40,7 +40,7 @@ def scores(maps, masks, labels) -> dict:
     return {"image_auroc": round(image_auroc(labels, [m.max() for m in maps]), 4), "pixel_auroc": round(pixel_auroc(masks, maps), 4)}
 
 
-def main() -> dict:
+def main(self_size: int = 320) -> dict:
     torch.set_num_threads(1)
     root = SHARED / "magnetic_tile"
     test = MVTecDataset(root, "test")
@@ -48,9 +48,9 @@ def main() -> dict:
     images = [as_array(s) for s in samples]
     masks, labels = [s.mask.numpy()[::2, ::2] for s in samples], [int(s.label) for s in samples]
     started = time.perf_counter()
-    similarity = SelfSimilarity("offline:efficientnet_lite0", 320, mirrors=True)
+    similarity = SelfSimilarity("offline:efficientnet_lite0", self_size, mirrors=True)
     self_maps = [similarity.map(image)[::2, ::2] for image in images]
-    report = {"machine": machine_description(), "subset": False, "test_images": len(images),
+    report = {"machine": machine_description(), "subset": False, "test_images": len(images), "self_similarity_size": self_size,
               "self_similarity_alone": scores(self_maps, masks, labels), "runs": {}}
     self_z = standardised(self_maps)
     train_paths = [ref.image_path for ref in MVTecDataset(root, "train").refs]
@@ -66,9 +66,9 @@ def main() -> dict:
             report["runs"][f"k{k}_draw{draw}"] = row
             print(json.dumps({f"k{k}_draw{draw}": row}), flush=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(OUT, report)
+    write_json_atomic(OUT if self_size == 320 else OUT.with_name(f"{OUT.stem}_{self_size}px.json"), report)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 320)

@@ -40,6 +40,7 @@ from .artifacts import Artifact
 from .errors import ArtifactError
 from .io import read_json_object, read_safetensors, unknown_keys, write_json_atomic
 from .results import AnomalyResult
+from .scoring.blend import pixel_sample
 from .towers import TextTower, Tokens, TowerError, VisionTower, build_text_tower, build_vision_tower
 
 MODEL_TYPE = "clip_ada"
@@ -167,11 +168,6 @@ def logit(probability_map: np.ndarray) -> np.ndarray:
     """log(p / (1 - p)), p kept inside [1e-4, 1 - 1e-4] (float32 sigmoids saturate to exactly 0 or 1)."""
     p = np.clip(np.asarray(probability_map, dtype=np.float64), 1e-4, 1 - 1e-4)
     return np.log(p / (1 - p))
-
-
-def pixel_sample(maps) -> np.ndarray:
-    """Every 17th pixel of every map, as one float64 vector: enough for a mean and a spread."""
-    return np.concatenate([np.asarray(m, dtype=np.float64).ravel()[::17] for m in maps])
 
 
 # --------------------------------------------------------------------------------------------------

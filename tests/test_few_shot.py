@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import textured_image
+from defectclip.errors import ArtifactError
 from defectclip.scoring import PatchCore
+from defectclip.scoring.blend import MapBlend
 from defectclip.scoring.features import PatchFeatures
 from defectclip.scoring.few_shot import (
     MAX_REFERENCES, MIN_SAMPLES, FewShotError, Holdout, block_distances, check_reference_count, content_digest,
@@ -124,9 +126,14 @@ def test_one_feature_pass_per_image_and_no_refit(tower, references, monkeypatch)
                         lambda self, batch, **kw: embedded.append(len(batch)) or original(self, batch, **kw))
     monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("few-shot must not refit a bank"))
     refs = references[:4]
-    fit_few_shot(refs, tower, image_size=64)
+    fit_few_shot(refs, tower, image_size=64, self_similarity=False)
     # 4 references once each, 4 augmented copies to reach MIN_SAMPLES normal scores, 8 synthetic defects.
-    assert sum(embedded) == len(refs) + (MIN_SAMPLES - len(refs)) + MIN_SAMPLES
+    bank_and_threshold = len(refs) + (MIN_SAMPLES - len(refs)) + MIN_SAMPLES
+    assert sum(embedded) == bank_and_threshold
+    embedded.clear()
+    fit_few_shot(refs, tower, image_size=64)
+    # the blend: one self-similarity map (the image and its two mirror images) per threshold sample
+    assert sum(embedded) == bank_and_threshold + 3 * (MIN_SAMPLES + MIN_SAMPLES)
 
 
 def test_saved_few_shot_model_keeps_its_threshold(tower, references, tmp_path):
@@ -134,6 +141,56 @@ def test_saved_few_shot_model_keeps_its_threshold(tower, references, tmp_path):
     loaded = PatchCore.from_pretrained(scorer.save_pretrained(tmp_path / "fs"), tower=tower)
     assert loaded.threshold == pytest.approx(report.threshold)
     assert loaded.calibration.startswith("few-shot")
+
+
+def test_the_blend_is_the_bank_map_plus_the_images_own_self_similarity(tower, references):
+    scorer, report = fit_few_shot(references[:2], tower, image_size=64)
+    plain, _ = fit_few_shot(references[:2], tower, image_size=64, self_similarity=False)
+    assert isinstance(scorer.self_similarity, MapBlend) and plain.self_similarity is None
+    assert torch.equal(scorer.memory_bank, plain.memory_bank)  # the bank is the same; only maps and threshold differ
+    image = with_defect(textured_image(np.random.default_rng(7), SIZE))
+    blended, alone = scorer.predict([image])[0], plain.predict([image])[0]
+    own = scorer.similarity().map(image)
+    assert np.allclose(blended.anomaly_map, scorer.self_similarity.blend(alone.anomaly_map, own), atol=1e-5)
+    assert blended.score == pytest.approx(float(blended.anomaly_map.max()))
+    assert report.blended and "self-similarity" in report.messages()[-1]
+
+
+def test_the_blended_threshold_reads_min_samples_normal_scores_however_many_references(tower):
+    rng = np.random.default_rng(11)
+    many = [textured_image(rng, SIZE) for _ in range(MIN_SAMPLES + 2)]
+    _, plain = fit_few_shot(many, tower, image_size=64, self_similarity=False)
+    _, blended = fit_few_shot(many, tower, image_size=64)
+    assert len(plain.normal_scores) == len(many)  # every reference held out
+    assert len(blended.normal_scores) == MIN_SAMPLES == len(blended.defect_scores)  # a map each: the cost is bounded
+
+
+def test_a_saved_blended_model_reloads_to_identical_outputs(tower, references, tmp_path):
+    scorer, _ = fit_few_shot(references[:3], tower, image_size=64)
+    loaded = PatchCore.from_pretrained(scorer.save_pretrained(tmp_path / "fs"), tower=tower)
+    assert loaded.self_similarity == scorer.self_similarity
+    images = [with_defect(references[5]), references[4]]
+    for before, after in zip(scorer.predict(images), loaded.predict(images)):
+        assert after.score == before.score and np.array_equal(after.anomaly_map, before.anomaly_map)
+        assert after.is_anomalous == before.is_anomalous
+
+
+@pytest.mark.parametrize("field, value", [("self_std", 0.0), ("map_mean", "high"), ("image_size", 8), ("extra", 1)])
+def test_a_damaged_blend_is_refused_with_the_field_named(tower, references, tmp_path, field, value):
+    import json
+
+    folder = fit_few_shot(references[:2], tower, image_size=64)[0].save_pretrained(tmp_path / "fs")
+    config = json.loads((folder / "config.json").read_text())
+    config["self_similarity"][field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=field):
+        PatchCore.from_pretrained(folder, tower=tower)
+
+
+def test_refitting_a_blended_scorer_drops_the_blend(tower, references):
+    scorer, _ = fit_few_shot(references[:2], tower, image_size=64)
+    scorer.fit(references[2:5])
+    assert scorer.self_similarity is None and scorer.threshold is None
 
 
 def test_block_distances_match_the_exact_nearest_patch():

@@ -126,3 +126,4 @@ def test_a_symmetric_defect_does_not_match_its_own_reflection(tiny_cnn):
     inside = np.zeros_like(anomaly_map, dtype=bool)
     inside[26:38, 26:38] = True
     assert anomaly_map[inside].mean() > 1.5 * anomaly_map[~inside].mean()
+

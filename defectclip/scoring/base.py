@@ -27,6 +27,7 @@ from ..schema import MAX_SIGMA, Config, check_number, check_preprocess, check_te
 from ..towers import TowerError, VisionTower, build_vision_tower, split_spec
 from .errors import ScoringError
 from .features import PatchFeatures, ViewBatch, check_layers, default_layers, input_dtype
+from .blend import MapBlend
 from .inference import resolve_inference
 from .inputs import as_image_source, chunked, dataset_labels, iter_view_groups, normal_subset
 from .maps import DEFAULT_SIGMA, patch_scores_to_maps
@@ -199,6 +200,9 @@ class FeatureScorer(Artifact, abc.ABC):
         self.threshold: float | None = None
         self.calibration: str | None = None
         self.num_train_images = 0
+        # The self-similarity blend (scoring/blend.py; few-shot sets it): None = the method's map alone.
+        self.self_similarity: MapBlend | None = None
+        self._similarity = None  # its map maker, built on first use on this scorer's tower
 
     # ---- how the tower runs
 
@@ -263,7 +267,8 @@ class FeatureScorer(Artifact, abc.ABC):
         self._fit_batches(batch.embedding.float() for batch in batches)
         self._check_state_finite()
         self.num_train_images = int(num_images)
-        self.threshold, self.calibration = None, None  # a threshold of the previous model means nothing now
+        # a threshold (and a blend's statistics) of the previous model mean nothing now
+        self.threshold, self.calibration, self.self_similarity = None, None, None
         return self
 
     @torch.no_grad()
@@ -290,9 +295,32 @@ class FeatureScorer(Artifact, abc.ABC):
     @torch.no_grad()
     def predict(self, images: Any) -> list[AnomalyResult]:
         """One AnomalyResult per image; maps have each input image's size (stitched from tiles when
-        the plan tiles)."""
+        the plan tiles). With a self-similarity blend the map is the blended one and the score its maximum."""
         self._require_fitted()
-        return self.predict_embedded(self.embed(images))
+        source = as_image_source(images)
+        results = self.predict_embedded(self.embed(source))
+        if self.self_similarity is None:
+            return results
+        threshold = math.inf if self.threshold is None else self.threshold
+        blended = []
+        for index, result in enumerate(results):
+            anomaly_map = self.blended_map(result.anomaly_map, source[index])
+            blended.append(AnomalyResult.from_map(anomaly_map, float(anomaly_map.max()), threshold))
+        return blended
+
+    def blended_map(self, anomaly_map: np.ndarray, image: Any) -> np.ndarray:
+        """This scorer's map of `image` blended with the image's self-similarity map (`self_similarity`)."""
+        return self.self_similarity.blend(anomaly_map, self.similarity().map(image))
+
+    def similarity(self):
+        """The self-similarity map maker of the blend, on this scorer's own tower (built once)."""
+        from .self_similarity import SelfSimilarity  # it builds on few_shot, which builds on this module
+
+        blend = self.self_similarity
+        current = self._similarity
+        if current is None or (current.image_size, current.mirrors) != (blend.image_size, blend.mirrors):
+            self._similarity = SelfSimilarity(self.tower, blend.image_size, blend.mirrors, device=self.device)
+        return self._similarity
 
     @torch.no_grad()
     def predict_embedded(self, batches: Iterable[ViewBatch]) -> list[AnomalyResult]:
@@ -375,6 +403,7 @@ class FeatureScorer(Artifact, abc.ABC):
             "num_train_images": self.num_train_images,
             "plan": self.plan.to_dict(),
             "photometric": self.photometric.to_dict(),
+            "self_similarity": None if self.self_similarity is None else self.self_similarity.to_dict(),
             **self._method_config(),
         }
 
@@ -429,6 +458,8 @@ class FeatureScorer(Artifact, abc.ABC):
         scorer.threshold = config["threshold"]
         scorer.calibration = config["calibration"]
         scorer.num_train_images = config["num_train_images"]
+        if config.get("self_similarity") is not None:
+            scorer.self_similarity = MapBlend.from_config(schema.sub("self_similarity"))
         return scorer
 
     # ---- what each method provides
@@ -473,11 +504,12 @@ class FeatureScorer(Artifact, abc.ABC):
 
 BASE_CONFIG_KEYS = {
     "model_type", "format_version", "tower", "layers", "preprocess", "sigma", "seed", "threshold",
-    "calibration", "num_train_images", "plan", "photometric",
+    "calibration", "num_train_images", "plan", "photometric", "self_similarity",
 }
 # Keys a folder written by an older version may lack, and what their absence means.
-# absent "plan" = the resize plan, absent "photometric" = "none": the only ones there were
-OPTIONAL_CONFIG_KEYS = {"plan", "photometric"}
+# absent "plan" = the resize plan, absent "photometric" = "none": the only ones there were;
+# absent "self_similarity" = no blend: older scorers had none
+OPTIONAL_CONFIG_KEYS = {"plan", "photometric", "self_similarity"}
 
 
 def calibrate_model(model: Any, images: Any, labels: Sequence[int] | None, quantile: float) -> float:

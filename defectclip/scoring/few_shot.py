@@ -17,9 +17,14 @@ normal image is as many of its standard deviations above the normal mean as a de
 the defective mean. That is the point a balanced-accuracy criterion asks for (equal false-alarm and
 miss rates), and it moves with the spread of each side rather than sitting at an arbitrary margin.
 
+By default the bank's map is blended with the image's self-similarity map (scoring/blend.py: a few
+references miss much of how good parts vary; the image's own surface does not), the blend's statistics
+taken from the references' held-out maps, and both score sets above are blended scores.
+
 Cost: one feature pass per reference, per augmented copy and per synthetic image; leave-one-out is
 cheap because each query's nearest distance is kept per reference block, so removing a reference (or
-an outlier) is a minimum over the remaining columns, never a refit.
+an outlier) is a minimum over the remaining columns, never a refit. The blend adds one self-similarity
+map per threshold sample, 16 of them (three feature passes each: the image and its two mirror images).
 
 Identical references (same decoded pixels) are merged and reported; outlier references (a blank
 image, or one whose leave-one-out score is far above the others', e.g. another object) are left out
@@ -39,6 +44,7 @@ from PIL import Image
 from ..synth import cutpaste, nsa
 from ..towers import VisionTower
 from ..data import image_to_tensor as as_image_tensor
+from .blend import MapBlend
 from .errors import ScoringError
 from .maps import patch_scores_to_maps
 from .patchcore import PatchCore, flatten_patches
@@ -59,6 +65,11 @@ MIN_FOR_OUTLIERS = 3  # with two references neither can be called the odd one ou
 # grid's longer side around its own position: more than augment's largest shift (15 %). On magnetic tile
 # (k = 1, 10 draws) 0.15 / 0.25 / 0.35 gave balanced-accuracy ratios 0.925 / 0.938 / 0.940.
 SELF_EXCLUSION = 0.25
+# The blend's self-similarity map: its input side, and its exposure left as it is (the reference-free mode's
+# map at 224 px rather than 320, to keep the 16-reference build within 3 s: every normal and synthetic
+# sample of the threshold needs a map). Matching it to the references' exposure as the bank does, and
+# reusing the bank's patches, was measured worse (benchmarks/results/few_shot.md, session 18).
+SELF_SIMILARITY_SIZE = 224
 
 
 class FewShotError(ScoringError):
@@ -94,6 +105,7 @@ class FewShotReport:
     defect_scores: list[float] = field(default_factory=list)
     threshold: float = float("nan")
     rule: str = ""
+    blended: bool = False  # maps (and the threshold's scores) blended with each image's self-similarity
 
     def messages(self) -> list[str]:
         """Readable lines for the user: merges, outliers and how the threshold was set."""
@@ -101,7 +113,8 @@ class FewShotReport:
         lines += [f"Reference {i + 1} left out: {why}." for i, why in self.outliers]
         lines.append(
             f"Bank of {len(self.used)} reference(s); threshold {self.threshold:.3f} ({self.rule}) from "
-            f"{len(self.normal_scores)} normal and {len(self.defect_scores)} synthetic-defect scores."
+            f"{len(self.normal_scores)} normal and {len(self.defect_scores)} synthetic-defect scores"
+            + ("; maps blended with each image's self-similarity." if self.blended else ".")
         )
         return lines
 
@@ -117,12 +130,13 @@ def fit_few_shot(
     seed: int = 0,
     device: str | torch.device | None = "auto",
     photometric: str = DEFAULT_PHOTOMETRIC,
+    self_similarity: bool = True,
 ) -> tuple[PatchCore, FewShotReport]:
     """A PatchCore bank of every patch of the usable references, and its threshold (see module doc).
 
     `photometric="match"` (the default) brings every image, references and scored ones alike, to the
     references' median brightness and contrast (scoring/photometric.py): a few references cover few
-    exposures."""
+    exposures. `self_similarity` (the default) blends every map with the image's self-similarity map."""
     check_reference_count(len(images))
     arrays = [as_uint8_rgb(image) for image in images]
     # Every reference patch is kept (no coreset, no cap): a few images give too few patches to thin out.
@@ -152,14 +166,44 @@ def fit_few_shot(
     references = [arrays[i] for i in report.used]
     holdout = Holdout.of(scorer, blocks, cross)
     rng = np.random.default_rng(seed)
-    report.normal_scores = normal_scores(scorer, references, holdout, rng)
-    report.defect_scores = synthetic_defect_scores(scorer, references, holdout, rng)
+    normal = normal_samples(scorer, references, holdout, rng)
+    defective = synthetic_defect_samples(scorer, references, holdout, rng)
+    if self_similarity:
+        report.normal_scores, report.defect_scores = blended_scores(scorer, evenly_spaced(normal, MIN_SAMPLES), defective)
+        report.blended = True
+    else:
+        report.normal_scores = [sample.score(scorer) for sample in normal]
+        report.defect_scores = [sample.score(scorer) for sample in defective]
     report.threshold, report.rule = place_threshold(report.normal_scores, report.defect_scores)
     scorer.memory_bank = torch.cat(blocks).contiguous()
     scorer.coreset_radius = 0.0
     scorer.num_train_images = len(blocks)
     scorer.threshold, scorer.calibration = report.threshold, f"few-shot: {report.rule}"
     return scorer, report
+
+
+def blended_scores(scorer: PatchCore, normal: list["HeldOut"], defective: list["HeldOut"]) -> tuple[list[float], list[float]]:
+    """Set `scorer.self_similarity` from the normal samples' held-out and self-similarity maps, and
+    return both sets' blended image scores (what predict will give such images)."""
+    from .self_similarity import SelfSimilarity  # it builds on this module
+
+    similarity = SelfSimilarity(scorer.tower, SELF_SIMILARITY_SIZE, mirrors=True, device=scorer.device)
+    normal_maps = [sample.map(scorer) for sample in normal]
+    normal_self = [similarity.map(sample.image) for sample in normal]
+    blend = MapBlend.fitted(similarity.image_size, similarity.mirrors, normal_maps, normal_self)
+    scorer.self_similarity, scorer._similarity = blend, similarity
+    normal_scores = [float(blend.blend(m, own).max()) for m, own in zip(normal_maps, normal_self)]
+    defect_scores = [float(scorer.blended_map(sample.map(scorer), sample.image).max()) for sample in defective]
+    return normal_scores, defect_scores
+
+
+def evenly_spaced(items: list, count: int) -> list:
+    """At most `count` of `items`, spread over the list. The blended scores are made for MIN_SAMPLES normal
+    samples, not for every one of up to 16 references: each costs a self-similarity map, and the 24 maps
+    of a 16-reference build took it over its 3 s (benchmarks/results/few_shot.md, session 18)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
 
 
 def as_uint8_rgb(image: Any) -> np.ndarray:
@@ -254,11 +298,17 @@ def block_distances(queries: torch.Tensor, blocks: Sequence[torch.Tensor],
 def image_score(scorer: PatchCore, distances: torch.Tensor, own: int | None = None) -> float:
     """The image score PatchCore's predict gives (maximum of the smoothed map at model size) for a
     query whose P x B block distances are given, leaving reference block `own` out of the bank."""
+    size = tuple(scorer.preprocess.size)
+    return float(patch_map(scorer, nearest_without(distances, own), size).max())
+
+
+def nearest_without(distances: torch.Tensor, own: int | None) -> torch.Tensor:
+    """P x B block distances -> each patch's nearest distance with block `own` left out (None, or a
+    single block: nothing to leave out)."""
     if own is not None and distances.shape[1] > 1:
         distances = distances.clone()
         distances[:, own] = torch.inf
-    size = tuple(scorer.preprocess.size)
-    return float(patch_map(scorer, distances.min(dim=1).values, size).max())
+    return distances.min(dim=1).values
 
 
 def patch_map(scorer: PatchCore, nearest: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -310,8 +360,30 @@ class Holdout:
         """P x 1 (one reference: nearest allowed patch) or P x B (nearest patch per reference block)."""
         return block_distances(query, self.blocks, self.excluded)
 
-    def score(self, scorer: PatchCore, query: torch.Tensor, reference: int) -> float:
-        return image_score(scorer, self.distances(query), None if self.single else reference)
+    def sample(self, image: np.ndarray, query: torch.Tensor, reference: int) -> "HeldOut":
+        """`image` (its patches `query`, made from reference `reference`) scored without its reference."""
+        return HeldOut.of(image, self.distances(query), None if self.single else reference)
+
+
+@dataclass
+class HeldOut:
+    """An image made from a reference (the reference itself, an augmented or a synthetic-defect copy) and
+    each of its patches' distance to the bank with that reference left out: what a new image would get."""
+
+    image: np.ndarray
+    nearest: torch.Tensor  # P
+
+    @classmethod
+    def of(cls, image: np.ndarray, distances: torch.Tensor, own: int | None) -> "HeldOut":
+        return cls(image, nearest_without(distances, own))
+
+    def score(self, scorer: PatchCore) -> float:
+        """The image score PatchCore's predict gives (maximum of the smoothed map at model size)."""
+        return float(patch_map(scorer, self.nearest, tuple(scorer.preprocess.size)).max())
+
+    def map(self, scorer: PatchCore) -> np.ndarray:
+        """The map predict gives, at the image's own size."""
+        return patch_map(scorer, self.nearest, self.image.shape[:2])
 
 
 def neighbourhood(grid: tuple[int, int]) -> torch.Tensor:
@@ -324,26 +396,27 @@ def neighbourhood(grid: tuple[int, int]) -> torch.Tensor:
     return ((rows[:, None] - rows[None, :]).abs() <= radius) & ((cols[:, None] - cols[None, :]).abs() <= radius)
 
 
-def normal_scores(scorer: PatchCore, references: list[np.ndarray], holdout: Holdout,
-                  rng: np.random.Generator) -> list[float]:
-    """Held-out scores of the references, then of augmented copies, MIN_SAMPLES at least."""
+def normal_samples(scorer: PatchCore, references: list[np.ndarray], holdout: Holdout,
+                   rng: np.random.Generator) -> list[HeldOut]:
+    """The references held out, then augmented copies of them, MIN_SAMPLES at least."""
     if holdout.single:
-        scores = [holdout.score(scorer, holdout.blocks[0], 0)]
+        samples = [holdout.sample(references[0], holdout.blocks[0], 0)]
     else:
-        scores = [image_score(scorer, distances, i) for i, distances in enumerate(holdout.cross)]
-    sources = [i % len(references) for i in range(max(0, MIN_SAMPLES - len(scores)))]
+        samples = [HeldOut.of(references[i], distances, i) for i, distances in enumerate(holdout.cross)]
+    sources = [i % len(references) for i in range(max(0, MIN_SAMPLES - len(samples)))]
     # One reference is held out by position, which a flip would scramble.
-    augmented = embed_patches(scorer, [augment(references[i], rng, flips=not holdout.single) for i in sources])
-    return scores + [holdout.score(scorer, query, i) for query, i in zip(augmented, sources)]
+    images = [augment(references[i], rng, flips=not holdout.single) for i in sources]
+    augmented = embed_patches(scorer, images)
+    return samples + [holdout.sample(image, query, i) for image, query, i in zip(images, augmented, sources)]
 
 
-def synthetic_defect_scores(scorer: PatchCore, references: list[np.ndarray], holdout: Holdout,
-                            rng: np.random.Generator) -> list[float]:
-    """Held-out scores of NSA and CutPaste defects made from the references (MIN_SAMPLES)."""
+def synthetic_defect_samples(scorer: PatchCore, references: list[np.ndarray], holdout: Holdout,
+                             rng: np.random.Generator) -> list[HeldOut]:
+    """NSA and CutPaste defects made from the references, held out (MIN_SAMPLES)."""
     sources = [i % len(references) for i in range(MIN_SAMPLES)]
     images = [_synthetic_defect(references, i, n, rng) for n, i in enumerate(sources)]
     embedded = embed_patches(scorer, images)
-    return [holdout.score(scorer, query, i) for query, i in zip(embedded, sources)]
+    return [holdout.sample(image, query, i) for image, query, i in zip(images, embedded, sources)]
 
 
 def synthetic_copies(references: Sequence[Any], seed: int = 0, count: int = MIN_SAMPLES) -> list[np.ndarray]:

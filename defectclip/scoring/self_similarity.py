@@ -13,8 +13,9 @@ own reflection).
 
 It needs nothing but the image, so it carries over to any object; it cannot see a defect that covers most
 of the image or repeats across it, and it flags what is unique by design (a label, a single hole).
-So it is used beside a trained reference-free model (CLIP-ADA's `self_similarity` blend), not alone.
-Measured on both development objects in benchmarks/results/clip_ada_transfer.md.
+So it is used beside another map, not alone: a trained reference-free model's (CLIP-ADA's `self_similarity`
+blend; measured on both development objects in benchmarks/results/clip_ada_transfer.md) and a few-shot
+bank's (scoring/blend.py; benchmarks/results/few_shot.md).
 """
 
 from __future__ import annotations
