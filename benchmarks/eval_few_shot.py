@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -90,38 +90,30 @@ def test_set(root: Path, max_test: int | None) -> tuple[list[Path], np.ndarray]:
 
 
 @torch.no_grad()
-def bank_scores(scorer: PatchCore, test_blocks: torch.Tensor, bank: torch.Tensor, chunk: int = 32) -> np.ndarray:
-    """Image scores of the cached test patches against `bank` (max of the smoothed model-size map)."""
-    size = tuple(scorer.preprocess.size)
+def bank_maps(scorer: PatchCore, test_blocks: torch.Tensor, bank: torch.Tensor, sizes: list[tuple[int, int]],
+              chunk: int = 32) -> Iterator[np.ndarray]:
+    """Smoothed maps of the cached test patches against `bank`, each at its entry of `sizes`."""
     num_images, num_patches, _ = test_blocks.shape
     side = int(round(num_patches**0.5))
     grid = (side, num_patches // side)
-    scores = []
     for start in range(0, num_images, chunk):
         block = test_blocks[start : start + chunk]
         distances = nearest_neighbours(block.reshape(-1, block.shape[-1]), bank)[0][:, 0]
-        maps = patch_scores_to_maps(distances.view(block.shape[0], *grid), size, [size] * block.shape[0],
-                                    scorer.sigma, scorer.features.centre_offset())
-        scores.extend(float(m.max()) for m in maps)
-    return np.array(scores)
+        yield from patch_scores_to_maps(distances.view(block.shape[0], *grid), tuple(scorer.preprocess.size),
+                                        sizes[start : start + chunk], scorer.sigma, scorer.features.centre_offset())
 
 
-@torch.no_grad()
-def blended_bank_scores(scorer: PatchCore, test_blocks: torch.Tensor, self_maps: list[np.ndarray], chunk: int = 32) -> np.ndarray:
+def bank_scores(scorer: PatchCore, test_blocks: torch.Tensor, bank: torch.Tensor) -> np.ndarray:
+    """Image scores of the cached test patches against `bank` (max of the smoothed model-size map)."""
+    sizes = [tuple(scorer.preprocess.size)] * len(test_blocks)
+    return np.array([float(m.max()) for m in bank_maps(scorer, test_blocks, bank, sizes)])
+
+
+def blended_bank_scores(scorer: PatchCore, test_blocks: torch.Tensor, self_maps: list[np.ndarray]) -> np.ndarray:
     """Image scores as a blended few-shot predict gives them: each map at its image's own size, blended
     with the image's self-similarity map (`self_maps`), maximum."""
-    num_images, num_patches, _ = test_blocks.shape
-    side = int(round(num_patches**0.5))
-    grid = (side, num_patches // side)
-    scores = []
-    for start in range(0, num_images, chunk):
-        block = test_blocks[start : start + chunk]
-        distances = nearest_neighbours(block.reshape(-1, block.shape[-1]), scorer.memory_bank)[0][:, 0]
-        own = self_maps[start : start + chunk]
-        maps = patch_scores_to_maps(distances.view(block.shape[0], *grid), tuple(scorer.preprocess.size),
-                                    [m.shape for m in own], scorer.sigma, scorer.features.centre_offset())
-        scores.extend(float(scorer.self_similarity.blend(m, s).max()) for m, s in zip(maps, own))
-    return np.array(scores)
+    maps = bank_maps(scorer, test_blocks, scorer.memory_bank, [m.shape for m in self_maps])
+    return np.array([float(scorer.self_similarity.blend(m, s).max()) for m, s in zip(maps, self_maps)])
 
 
 SELF_MAPS: dict[tuple, list[np.ndarray]] = {}

@@ -40,7 +40,7 @@ from .artifacts import Artifact
 from .errors import ArtifactError
 from .io import read_json_object, read_safetensors, unknown_keys, write_json_atomic
 from .results import AnomalyResult
-from .scoring.blend import pixel_sample
+from .scoring.blend import check_statistics, on_first_scale, pixel_sample
 from .towers import TextTower, Tokens, TowerError, VisionTower, build_text_tower, build_vision_tower
 
 MODEL_TYPE = "clip_ada"
@@ -144,11 +144,7 @@ class SelfSimilarityBlend:
     mirrors: bool = True  # the self-similarity map also looks at the image's mirror images
 
     def __post_init__(self) -> None:
-        values = [self.clip_mean, self.clip_std, self.self_mean, self.self_std]
-        if not all(math.isfinite(float(v)) for v in values) or min(self.clip_std, self.self_std) <= 0:
-            raise ValueError(f"self_similarity needs finite means and positive spreads, got {values}")
-        if int(self.image_size) < 32:
-            raise ValueError(f"self_similarity image_size must be at least 32, got {self.image_size}")
+        check_statistics(self.image_size, [self.clip_mean, self.self_mean], [self.clip_std, self.self_std])
 
     @classmethod
     def fitted(cls, image_size: int, mirrors: bool, clip_maps: Sequence[np.ndarray],
@@ -159,9 +155,8 @@ class SelfSimilarityBlend:
                    float(similar.mean()), float(similar.std()) or 1.0, bool(mirrors))
 
     def blend(self, probability_map: np.ndarray, self_map: np.ndarray) -> np.ndarray:
-        standard = ((logit(probability_map) - self.clip_mean) / self.clip_std
-                    + (self_map - self.self_mean) / self.self_std) / 2
-        return (1.0 / (1.0 + np.exp(-(self.clip_mean + self.clip_std * standard)))).astype(np.float32)
+        blended = on_first_scale(logit(probability_map), self.clip_mean, self.clip_std, self_map, self.self_mean, self.self_std)
+        return (1.0 / (1.0 + np.exp(-blended))).astype(np.float32)
 
 
 def logit(probability_map: np.ndarray) -> np.ndarray:

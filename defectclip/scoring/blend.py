@@ -33,11 +33,7 @@ class MapBlend:
     mirrors: bool = True  # the self-similarity map also looks at the image's mirror images
 
     def __post_init__(self) -> None:
-        values = [self.map_mean, self.map_std, self.self_mean, self.self_std]
-        if not all(math.isfinite(float(v)) for v in values) or min(self.map_std, self.self_std) <= 0:
-            raise ValueError(f"a self-similarity blend needs finite means and positive spreads, got {values}")
-        if not 32 <= int(self.image_size) <= MAX_MODEL_SIDE:
-            raise ValueError(f"a self-similarity blend's image_size must be 32-{MAX_MODEL_SIDE}, got {self.image_size}")
+        check_statistics(self.image_size, [self.map_mean, self.self_mean], [self.map_std, self.self_std])
 
     @classmethod
     def fitted(cls, image_size: int, mirrors: bool, maps: Sequence[np.ndarray],
@@ -51,8 +47,8 @@ class MapBlend:
         """Two maps of one image (same size) -> the blended map, on `anomaly_map`'s scale."""
         if anomaly_map.shape != self_map.shape:
             raise ValueError(f"maps of one image differ in size: {anomaly_map.shape} and {self_map.shape}")
-        standard = ((anomaly_map - self.map_mean) / self.map_std + (self_map - self.self_mean) / self.self_std) / 2
-        return (self.map_mean + self.map_std * standard).astype(np.float32)
+        return on_first_scale(anomaly_map, self.map_mean, self.map_std, self_map, self.self_mean,
+                              self.self_std).astype(np.float32)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +64,21 @@ class MapBlend:
             config.number(key, 0, low_open=True)
         config.boolean("mirrors")
         return cls(**config.data)
+
+
+def check_statistics(image_size: int, means: Sequence[float], spreads: Sequence[float]) -> None:
+    """A blend's numbers: finite means, finite positive spreads, a usable self-similarity input side."""
+    if not all(math.isfinite(float(v)) for v in [*means, *spreads]) or min(spreads) <= 0:
+        raise ValueError(f"a self-similarity blend needs finite means and positive spreads, got {[*means, *spreads]}")
+    if not 32 <= int(image_size) <= MAX_MODEL_SIDE:
+        raise ValueError(f"a self-similarity blend's image_size must be 32-{MAX_MODEL_SIDE}, got {image_size}")
+
+
+def on_first_scale(first: np.ndarray, first_mean: float, first_std: float,
+                   second: np.ndarray, second_mean: float, second_std: float) -> np.ndarray:
+    """The mean of the two maps in standard deviations of each, put back on the first map's scale."""
+    standard = ((first - first_mean) / first_std + (second - second_mean) / second_std) / 2
+    return first_mean + first_std * standard
 
 
 def pixel_sample(maps: Sequence[np.ndarray]) -> np.ndarray:
