@@ -272,7 +272,8 @@ class InspectionPipeline(Artifact):
 
         One feature pass per reference, no refits; the threshold comes from the references alone
         (their held-out scores against synthetic defects made from them, defectclip.scoring.few_shot),
-        every map blended with the image's self-similarity map (defectclip.scoring.blend). Identical references are merged and outliers left out; `InspectionModel.notes` says which.
+        every map blended with the image's self-similarity map (defectclip.scoring.blend). Identical
+        references are merged and outliers left out; `InspectionModel.notes` says which.
         The build holds no pipeline-wide lock, so other sessions keep scoring meanwhile.
         """
         from .scoring.few_shot import FewShotError, check_reference_count, fit_few_shot

@@ -2,8 +2,9 @@
 
 A few references cover little of how good parts vary, so a few-shot bank flags much that is normal
 texture it never saw; self-similarity (scoring/self_similarity.py) asks the image itself instead. The
-two see different things, and their sum ranks images better than either: on the full magnetic tile test
-set, image AUROC with 1 / 4 / 16 references went from 73-80 to 79-84 (benchmarks/results/few_shot.md).
+two see different things, and their sum ranks images better than the bank alone: on the full magnetic
+tile test set (5 draws), image AUROC with 1 / 4 / 16 references went from 72.1 / 76.5 / 80.9 to 77.9 / 79.7 /
+81.2 (benchmarks/results/few_shot.md, session 18).
 
 Each map is put in standard deviations of its own pixels over normal images (for few-shot: the
 references scored held out, so no image of the test set and no label is read), the two are averaged with
@@ -14,8 +15,8 @@ on blended scores, the app's slider and its legend keep working.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -25,6 +26,8 @@ from ..schema import MAX_MODEL_SIDE, Config
 
 @dataclass
 class MapBlend:
+    """The statistics a blend needs (saved in the scorer's config.json as `self_similarity`)."""
+
     image_size: int  # the self-similarity map's model input side
     map_mean: float
     map_std: float

@@ -298,8 +298,12 @@ def block_distances(queries: torch.Tensor, blocks: Sequence[torch.Tensor],
 def image_score(scorer: PatchCore, distances: torch.Tensor, own: int | None = None) -> float:
     """The image score PatchCore's predict gives (maximum of the smoothed map at model size) for a
     query whose P x B block distances are given, leaving reference block `own` out of the bank."""
-    size = tuple(scorer.preprocess.size)
-    return float(patch_map(scorer, nearest_without(distances, own), size).max())
+    return nearest_score(scorer, nearest_without(distances, own))
+
+
+def nearest_score(scorer: PatchCore, nearest: torch.Tensor) -> float:
+    """One image's per-patch nearest distances (P) -> the maximum of its smoothed map at model size."""
+    return float(patch_map(scorer, nearest, tuple(scorer.preprocess.size)).max())
 
 
 def nearest_without(distances: torch.Tensor, own: int | None) -> torch.Tensor:
@@ -379,7 +383,7 @@ class HeldOut:
 
     def score(self, scorer: PatchCore) -> float:
         """The image score PatchCore's predict gives (maximum of the smoothed map at model size)."""
-        return float(patch_map(scorer, self.nearest, tuple(scorer.preprocess.size)).max())
+        return nearest_score(scorer, self.nearest)
 
     def map(self, scorer: PatchCore) -> np.ndarray:
         """The map predict gives, at the image's own size."""
