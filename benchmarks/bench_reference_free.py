@@ -1,10 +1,11 @@
-"""What the self-similarity blend costs the reference-free mode: one image's `ClipADA.predict`, with and without it.
+"""What the reference-free mode's parts cost: one image's `ClipADA.predict`, as shipped and with a part taken out.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/bench_reference_free.py      # ~1 min, one thread
 
-The embedded default's head (demo/default/clip_ada) as shipped (blended: the image and its two mirror images
-through the vision tower at 320 px, then every patch against every other) and the same head with the blend
-switched off. 20 magnetic tile test images (their own sizes, up to ~600 px) and 20 steel strip test images
+The embedded default's head (demo/default/clip_ada) as shipped (CLIP-ADA's map averaged over the image's
+`flip_views` mirror images, each a pass of the head at 224 px; blended: the image and its two mirror images
+through the vision tower at 320 px, then every patch against every other), the same head with one view
+(blend kept), and with the blend switched off (views kept). 20 magnetic tile test images (their own sizes, up to ~600 px) and 20 steel strip test images
 (200 x 200), each predicted alone as the app does, after two warm-up calls. Then the app's own upload path
 (`demo.handlers.score_upload` in reference-free mode: read, score, overlay, outlines) on the 20 tile files,
 against the 300 ms upload -> heatmap target of app_latency.md. Writes
@@ -72,10 +73,13 @@ def main() -> dict:
     shipped = ClipADA.from_pretrained(ROOT / "demo" / "default" / "clip_ada")
     plain = copy.deepcopy(shipped)
     plain.config.self_similarity = None
+    one_view = copy.deepcopy(shipped)
+    one_view.config.flip_views = 1
     images = sample_images()
     report = {"machine": machine_description(), "images": len(images),
-              "blend": shipped.config.self_similarity,
-              "shipped_with_blend": timed(shipped, images), "same_head_without_blend": timed(plain, images)}
+              "blend": shipped.config.self_similarity, "flip_views": shipped.config.flip_views,
+              "shipped_with_blend": timed(shipped, images), "same_head_one_view": timed(one_view, images),
+              "same_head_without_blend": timed(plain, images)}
     tiles = MVTecDataset(SHARED / "magnetic_tile", "test").refs
     report["app_upload_to_heatmap"] = timed_uploads([tiles[int(i)].image_path for i in np.linspace(0, len(tiles) - 1, 20).round()])
     print(json.dumps(report), flush=True)

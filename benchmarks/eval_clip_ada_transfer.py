@@ -55,6 +55,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--self-similarity", action="store_true",
                         help="train/clip_ada.py --self-similarity: blend the training-free self-similarity map in "
                              "(a --model gets it fitted, again if it has one, on its training object's train images)")
+    parser.add_argument("--flip-views", type=int, choices=(1, 2, 4), default=None,
+                        help="train/clip_ada.py --flip-views: maps averaged over mirror images of the input (a --model "
+                             "gets it set, and a blend it has fitted again on the averaged maps, with its threshold, as "
+                             "--self-similarity does; default: 1 for training, a --model's own)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (synthetic anomalies, initialisation)")
     parser.add_argument("--max-test", type=int, default=0, help="cap on test images per object (0: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -71,7 +75,8 @@ def train_model(args, name: str) -> tuple[ClipADA, dict, float]:
             "--batch-size", str(args.batch_size), "--lr", "1e-2", "--calibration-images", "32",
             "--checkpointing-steps", str(args.steps), "--checkpoints-total-limit", "1", "--output-dir", str(output),
             "--real-anomaly-prob", str(args.real_anomaly_prob), "--textures", str(args.textures), "--seed", str(args.seed),
-            *(["--self-similarity"] if args.self_similarity else [])]
+            *(["--self-similarity"] if args.self_similarity else []),
+            *(["--flip-views", str(args.flip_views)] if args.flip_views else [])]
     started = time.perf_counter()
     metrics = train_clip_ada.main(argv)
     return ClipADA.from_pretrained(output / train_clip_ada.ARTIFACT_DIR), metrics, time.perf_counter() - started
@@ -144,13 +149,16 @@ def models(args):
             if name not in OBJECTS and name != "both":
                 raise SystemExit(f"--model {spec!r}: say which object it was trained on: {[*OBJECTS, 'both']}=FOLDER.")
             model = ClipADA.from_pretrained(folder)
-            if args.self_similarity:  # (re)fitted with this code's self-similarity, as training would
+            if args.flip_views:
+                model.config.flip_views = args.flip_views
+            if args.self_similarity or (args.flip_views and model.config.self_similarity is not None):  # (re)fitted with this code's self-similarity, as training would
                 model = blended(model, name, args)
-            yield name, model, {"model": folder, "self_similarity": model.config.self_similarity}
+            yield name, model, {"model": folder, "self_similarity": model.config.self_similarity,
+                                "flip_views": model.config.flip_views}
         return
     for name in args.train_on:
         model, train_metrics, train_s = train_model(args, name)
-        yield name, model, {"train_s": train_s, "steps": args.steps,
+        yield name, model, {"train_s": train_s, "steps": args.steps, "flip_views": model.config.flip_views,
                             "train_loss": train_metrics.get("final_loss_mean_last_10pct")}
 
 

@@ -229,6 +229,47 @@ def test_synthetic_calibration_places_the_threshold_from_normal_images_alone(tow
         model.calibrate_synthetic([])
 
 
+def test_flip_views_average_the_maps_of_the_mirror_images_mirrored_back(towers):
+    plain = perturbed_model(towers)
+    rng = np.random.default_rng(1)
+    image = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+    mirrors = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]
+    single = [m for m in plain.clip_maps([np.ascontiguousarray(v) for v in mirrors])]
+    back = [single[0], single[1][:, ::-1], single[2][::-1], single[3][::-1, ::-1]]
+    for views in (2, 4):
+        averaged = perturbed_model(towers, flip_views=views)
+        (found,) = averaged.clip_maps([image])
+        assert np.allclose(found, np.mean(back[:views], axis=0), atol=1e-6)
+        # a 3 x H x W float tensor is mirrored the same way as an H x W x 3 array
+        (from_tensor,) = averaged.clip_maps([torch.from_numpy(image).permute(2, 0, 1).float() / 255])
+        assert np.allclose(from_tensor, found, atol=1e-5)
+        assert not np.allclose(found, single[0])  # the head is not mirror-invariant: the views add something
+    # a mirror-symmetric input gives the same map however many views (each view's map is the others' mirror)
+    symmetric = np.concatenate([image[:, :32], image[:, :32][:, ::-1]], axis=1)
+    symmetric = np.concatenate([symmetric[:24], symmetric[:24][::-1]], axis=0)
+    (two,) = perturbed_model(towers, flip_views=2).clip_maps([symmetric])
+    assert np.allclose(two, two[:, ::-1], atol=1e-6)
+
+
+def test_flip_views_are_saved_and_a_bad_count_is_refused(towers, tmp_path):
+    model = perturbed_model(towers, flip_views=4)
+    folder = model.save_pretrained(tmp_path / "flips")
+    loaded = ClipADA.from_pretrained(folder, vision=towers[0], text=towers[1])
+    image = [torch.rand(3, 40, 56)]
+    assert loaded.config.flip_views == 4
+    assert np.array_equal(loaded.predict(image)[0].anomaly_map, model.predict(image)[0].anomaly_map)
+    config = json.loads((folder / "config.json").read_text())
+    del config["config"]["flip_views"]  # a config saved before the setting existed: the image alone
+    (folder / "config.json").write_text(json.dumps(config))
+    assert ClipADA.from_pretrained(folder, vision=towers[0], text=towers[1]).config.flip_views == 1
+    config["config"]["flip_views"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="flip_views must be one of"):
+        ClipADA.from_pretrained(folder, vision=towers[0], text=towers[1])
+    with pytest.raises(ValueError, match="flip_views"):
+        make_model(towers, flip_views=0)
+
+
 def test_vit_towers_refuse_a_non_native_size(clip_towers):
     with pytest.raises(ValueError, match="native size"):
         make_model(clip_towers, image_size=96)
@@ -408,9 +449,10 @@ def test_real_defect_images_can_also_carry_a_synthetic_anomaly(index_root, tower
 
 def test_training_with_self_similarity_saves_a_blended_model(mvtec_root, tmp_path):
     metrics = train_clip_ada.main(tiny_args(mvtec_root, tmp_path / "blend", "--max-steps", "2", "--self-similarity",
-                                            "--self-similarity-size", "64"))
+                                            "--self-similarity-size", "64", "--flip-views", "2"))
     assert metrics["self_similarity"]["image_size"] == 64
     model = ClipADA.from_pretrained(tmp_path / "blend" / "model")
+    assert model.config.flip_views == 2
     assert model.config.self_similarity == pytest.approx(metrics["self_similarity"])
     assert model.threshold == pytest.approx(metrics["threshold"])  # calibrated on the blended scores
     image = load_image(next((mvtec_root / "widget" / "test" / "scratch").glob("*.png")))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from defectclip.clip_ada import DEFAULT_TEMPLATE, DEFAULT_TOWER, ClipADA, ClipADAConfig, clip_ada_loss
+from defectclip.clip_ada import DEFAULT_TEMPLATE, DEFAULT_TOWER, FLIP_VIEWS, ClipADA, ClipADAConfig, clip_ada_loss
 from defectclip.data import (
     DataError, IndexMaskDataset, MVTecDataset, Preprocess, array_to_tensor, load_image, load_index_mask, normalize, resize,
 )
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fixed-prompt", action="store_true", help="ablation: a fixed prompt instead of learnable context")
     model.add_argument("--fixed-scale", action="store_true", help="keep the similarity scale constant instead of learning it")
     model.add_argument("--image-size", type=int, default=None, help="square training/inference size (default: the tower's)")
+    model.add_argument("--flip-views", type=int, choices=FLIP_VIEWS, default=1,
+                       help="inference: average each map over this many mirror images of the input (1: the image; "
+                            "2: + left-right; 4: + top-bottom and both). Steadier maps, one head pass per view; the "
+                            "blend and the threshold are fitted on the averaged maps")
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", type=Path, required=True,
                       help="MVTec-layout roots or category folders (train/good is used), or index-mask folders "
@@ -291,6 +295,7 @@ def model_config(args: argparse.Namespace) -> ClipADAConfig:
         vision=args.vision, text=args.text, layer=args.layer, n_ctx=args.n_ctx, template=args.template,
         learnable_prompt=not args.fixed_prompt, ctx_init=args.ctx_init, ctx_word=args.ctx_word,
         refine_steps=args.refine_steps, image_size=args.image_size, learnable_scale=not args.fixed_scale,
+        flip_views=args.flip_views,
     )
 
 
