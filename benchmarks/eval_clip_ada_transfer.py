@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from defectclip.clip_ada import ClipADA
+from defectclip.clip_ada import FLIP_VIEWS, ClipADA
 from defectclip.data import IndexMaskDataset, MVTecDataset
 from defectclip.io import write_json_atomic
 from defectclip.metrics import image_auroc, pixel_auroc
@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--self-similarity", action="store_true",
                         help="train/clip_ada.py --self-similarity: blend the training-free self-similarity map in "
                              "(a --model gets it fitted, again if it has one, on its training object's train images)")
-    parser.add_argument("--flip-views", type=int, choices=(1, 2, 4), default=None,
+    parser.add_argument("--flip-views", type=int, choices=FLIP_VIEWS, default=None,
                         help="train/clip_ada.py --flip-views: maps averaged over mirror images of the input (a --model "
                              "gets it set, and a blend it has fitted again on the averaged maps, with its threshold, as "
                              "--self-similarity does; default: 1 for training, a --model's own)")

@@ -234,9 +234,13 @@ def test_flip_views_average_the_maps_of_the_mirror_images_mirrored_back(towers):
     rng = np.random.default_rng(1)
     image = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
     mirrors = [image, image[:, ::-1], image[::-1], image[::-1, ::-1]]
+    mirrors += [np.swapaxes(m, 0, 1) for m in mirrors]  # the same four, transposed (64 x 48)
     single = [m for m in plain.clip_maps([np.ascontiguousarray(v) for v in mirrors])]
+    assert single[4].shape == (64, 48)  # a transposed view's map is on the transposed grid until taken back
     back = [single[0], single[1][:, ::-1], single[2][::-1], single[3][::-1, ::-1]]
-    for views in (2, 4):
+    back += [m.T[:, ::-1] if flips == 1 else m.T[::-1] if flips == 2 else m.T[::-1, ::-1] if flips == 3 else m.T
+             for flips, m in enumerate(single[4:])]
+    for views in (2, 4, 8):
         averaged = perturbed_model(towers, flip_views=views)
         (found,) = averaged.clip_maps([image])
         assert np.allclose(found, np.mean(back[:views], axis=0), atol=1e-6)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--image-size", type=int, default=None, help="square training/inference size (default: the tower's)")
     model.add_argument("--flip-views", type=int, choices=FLIP_VIEWS, default=1,
                        help="inference: average each map over this many mirror images of the input (1: the image; "
-                            "2: + left-right; 4: + top-bottom and both). Steadier maps, one head pass per view; the "
+                            "2: + left-right; 4: + top-bottom and both; 8: those four transposed). Steadier maps, one head pass per view; the "
                             "blend and the threshold are fitted on the averaged maps")
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", type=Path, required=True,
