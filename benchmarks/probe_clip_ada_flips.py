@@ -74,7 +74,7 @@ def steel_strip(model: ClipADA) -> dict:
 def main() -> dict:
     torch.set_num_threads(1)
     model = ClipADA.from_pretrained(MODEL)
-    model.config.flip_views = 1  # the views are averaged here; the head's own setting (4 since session 20) would repeat it
+    model.config.flip_views = 1  # the views are averaged here; the head's own setting (8 since session 20) would repeat it
     started = time.perf_counter()
     report = {"machine": machine_description(), "subset": False, "model": "demo/default/clip_ada",
               "magnetic tile (its own object)": magnetic_tile(model), "steel strip (never seen)": steel_strip(model)}

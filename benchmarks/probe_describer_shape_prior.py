@@ -43,25 +43,27 @@ def shape_measurements(mask: np.ndarray) -> list[float]:
             float(label(mask).max()), props.eccentricity]
 
 
+def measured_regions(dataset: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(shape measurements, caption) of every real defect region of the split."""
+    rows, captions = [], []
+    for record in iter_region_records(dataset, split, include_normal=False):
+        for mask, caption in zip(record.masks, record.captions):
+            rows.append(shape_measurements(np.asarray(mask, bool))), captions.append(caption)
+    return np.array(rows), np.array(captions)
+
+
 def fit_shape_prior(dataset: Path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    rows, captions = [], []
-    for record in iter_region_records(dataset, "train", include_normal=False):
-        for mask, caption in zip(record.masks, record.captions):
-            rows.append(shape_measurements(np.asarray(mask, bool))), captions.append(caption)
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(np.array(rows), np.array(captions))
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)).fit(*measured_regions(dataset, "train"))
 
 
 def prior_alone_top1(prior, dataset: Path, split: str) -> float:
     """How often the shape prior by itself names the split's real defect regions (the describer not asked)."""
-    rows, captions = [], []
-    for record in iter_region_records(dataset, split, include_normal=False):
-        for mask, caption in zip(record.masks, record.captions):
-            rows.append(shape_measurements(np.asarray(mask, bool))), captions.append(caption)
-    return round(float(np.mean(prior.predict(np.array(rows)) == np.array(captions))), 4)
+    rows, captions = measured_regions(dataset, split)
+    return round(float(np.mean(prior.predict(rows) == captions)), 4)
 
 
 class CachedProbabilities:

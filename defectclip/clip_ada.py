@@ -16,8 +16,8 @@ Optionally (`self_similarity` in the config, set by `fit_self_similarity`) the m
 training-free one: how unlike the rest of its own image each patch is (defectclip.scoring.self_similarity).
 What a head learned on one object carries over to another only in part; the blend is for the new products
 the reference-free mode exists for (clip_ada_transfer.md). With `flip_views` > 1 CLIP-ADA's map is the mean
-of the maps of the image's mirror images, each mirrored back; the blend's statistics and the threshold are
-then fitted on such averaged maps.
+of the maps of the image's mirror images (and with 8 of the same transposed), each taken back; the blend's
+statistics and the threshold are then fitted on such averaged maps.
 
 Artifact: `config.json` (tower specs, layer, prompt, refinement steps, preprocessing, threshold, blend) plus
 `model.safetensors` with only the trainable tensors; the frozen towers are rebuilt from their specs.
@@ -432,10 +432,9 @@ class ClipADA(Artifact, nn.Module):
             maps.extend(torch.sigmoid(self(batch.to(device))[-1]).float().cpu())
         return maps
 
-    def finish_map(self, probability_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-        """Feature-resolution map -> H x W float32 at the input image's size, Gaussian-smoothed."""
-        full = upsample(probability_map[None], size)[0].numpy().astype(np.float32)
-        return gaussian_filter(full, sigma=self.config.sigma) if self.config.sigma > 0 else full
+    def smooth(self, full_map: np.ndarray) -> np.ndarray:
+        """An H x W map at the input image's size, Gaussian-smoothed (sigma 0: as it is)."""
+        return gaussian_filter(full_map, sigma=self.config.sigma) if self.config.sigma > 0 else full_map
 
     def image_score(self, anomaly_map: np.ndarray) -> float:
         return top_k_mean(anomaly_map, top_k_for(*anomaly_map.shape, self.config.top_k))
@@ -460,9 +459,11 @@ class ClipADA(Artifact, nn.Module):
         config's `flip_views` mirror images of the input, mirrored back."""
         views = self.config.flip_views
         mirrored = [mirror(image, view) for image in images for view in range(views)]
-        maps = [self.finish_map(prob, image_size_of(image)) for image, prob in zip(mirrored, self.probability_maps(mirrored, batch_size))]
-        return [np.mean([unmirror(maps[start + view], view) for view in range(views)], axis=0).astype(np.float32)
-                for start in range(0, len(maps), views)]
+        # Upsampling and the Gaussian are linear and commute with flips and transposes, so the views are
+        # averaged at full size first and smoothed once, not once per view (the same map to float rounding).
+        full = [upsample(prob[None], image_size_of(image))[0].numpy() for image, prob in zip(mirrored, self.probability_maps(mirrored, batch_size))]
+        return [self.smooth(np.mean([unmirror(full[start + view], view) for view in range(views)], axis=0).astype(np.float32))
+                for start in range(0, len(full), views)]
 
     def predict(self, images: Sequence[np.ndarray | torch.Tensor], batch_size: int = 8) -> list[AnomalyResult]:
         """Images (3 x H x W float in [0, 1], or H x W x 3 uint8), any sizes -> one AnomalyResult each."""
